@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""Make sure the running Python environment has a usable Detectron2 (>= 0.6).
+
+1. If a Detectron2 >= 0.6 is installed whose ``modeling``, ``data``, ``evaluation`` and ``engine``
+   packages import (for example one built from the official source, the recommended install on
+   GPU machines), it is used as it is and nothing is changed.
+2. Otherwise Detectron2 v0.6's Python sources are taken from the registry sdist
+   ``pb1-detectron2==0.6``, verified against a pinned sha256 *before anything from it is built
+   or run*, patched with the few compatibility fixes the pinned stack needs (each listed in
+   ``PATCHES`` with the reason), and installed as a pure-Python package under the distribution
+   name ``detectron2``. Features that need the C++/CUDA extension fail when used, with a message.
+
+Any failure (download, hash mismatch, patch not applying, build, import check) stops with a
+one-paragraph error and exit status 1, and leaves no half-installed Detectron2 behind.
+
+Offline: set ``DETECTRON2_SDIST=/path/to/pb1-detectron2-0.6.tar.gz`` (the same file, same hash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import textwrap
+from pathlib import Path
+
+SDIST_NAME = "pb1-detectron2"
+SDIST_VERSION = "0.6"
+SDIST_FILE = f"{SDIST_NAME}-{SDIST_VERSION}.tar.gz"
+SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
+# Version recorded for the installed distribution: v0.6, marked as the pure-Python build.
+INSTALLED_VERSION = "0.6+purepython"
+REQUIRED_SUBPACKAGES = ("modeling", "data", "evaluation", "engine")
+OFFICIAL_INSTALL = (
+    "python -m pip install --no-build-isolation "
+    "'git+https://github.com/facebookresearch/detectron2.git'"
+)
+
+
+class ProvisionError(Exception):
+    """A failure with a message meant for the user (printed without a traceback)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Compatibility fixes. Each is (file, old text, new text, why); `old` must occur exactly `count`
+# times, so a different source tree makes the build stop instead of being patched wrongly.
+# ---------------------------------------------------------------------------------------------
+
+_C_PLACEHOLDER = '''\
+"""Stand-in for Detectron2's compiled extension ``detectron2._C``.
+
+This Detectron2 was installed from its Python sources only (nl_detectron's registry build), so
+the C++/CUDA operators are not available. Everything that Mask R-CNN and Keypoint R-CNN with
+standard (axis-aligned) boxes need is pure Python or provided by torchvision and works.
+What needs the extension fails when it is used, with this message:
+rotated boxes (IoU, NMS, ROIAlignRotated: RRPN, rotated heads), deformable convolution, and the
+C++ fast COCOeval (COCOEvaluator falls back to the official pycocotools COCOeval instead).
+"""
+
+PURE_PYTHON_BUILD = True
+
+
+class MissingCppExtensionError(RuntimeError):
+    pass
+
+
+def get_compiler_version():
+    return "not built (pure-Python Detectron2: no C++/CUDA extension)"
+
+
+def get_cuda_version():
+    return "not built (pure-Python Detectron2: no C++/CUDA extension)"
+
+
+def has_cuda():
+    return False
+
+
+def __getattr__(name):
+    if name.startswith("__"):
+        raise AttributeError(name)
+    raise MissingCppExtensionError(
+        f"detectron2._C.{name} is a C++/CUDA operator, and this Detectron2 is the pure-Python "
+        "build that nl_detectron installs when no compiled Detectron2 is present. Rotated-box "
+        "ops, deformable convolution and the C++ COCOeval need the extension. Install the "
+        "official Detectron2 from source into this environment, then re-run `make`: "
+        "python -m pip install --no-build-isolation "
+        "'git+https://github.com/facebookresearch/detectron2.git'"
+    )
+'''
+
+_FAST_IMPL_CHECK = '''
+
+def _fast_impl_available():
+    # nl_detectron pure-Python build: the fast COCOeval (COCOeval_opt) needs the C++ extension.
+    # Without it, fall back to the official pycocotools COCOeval (same numbers, slower).
+    from detectron2 import _C
+
+    return not getattr(_C, "PURE_PYTHON_BUILD", False)
+'''
+
+PATCHES: list[tuple[str, str, str, str, int]] = [
+    (
+        "data/transforms/transform.py",
+        "interp=Image.LINEAR",
+        "interp=Image.BILINEAR",
+        "Pillow >= 10 removed the alias Image.LINEAR (same filter as Image.BILINEAR); it is a "
+        "default argument, so `import detectron2.data` fails without this.",
+        1,
+    ),
+    (
+        "model_zoo/model_zoo.py",
+        "import pkg_resources\n",
+        "from importlib import resources as _resources\n",
+        "setuptools >= 82 no longer ships pkg_resources; importlib.resources replaces it.",
+        1,
+    ),
+    (
+        "model_zoo/model_zoo.py",
+        'cfg_file = pkg_resources.resource_filename(\n        "detectron2.model_zoo", '
+        "os.path.join(\"configs\", config_path)\n    )",
+        'cfg_file = str(_resources.files("detectron2.model_zoo").joinpath("configs", '
+        "config_path))",
+        "Same pkg_resources removal: resolve the bundled config file with importlib.resources.",
+        1,
+    ),
+    (
+        "evaluation/coco_evaluation.py",
+        "from detectron2.evaluation.fast_eval_api import COCOeval_opt\n",
+        "from detectron2.evaluation.fast_eval_api import COCOeval_opt\n" + _FAST_IMPL_CHECK,
+        "The C++ fast COCOeval is unavailable without the extension: add a check for it.",
+        1,
+    ),
+    (
+        "evaluation/coco_evaluation.py",
+        "self._use_fast_impl = use_fast_impl\n",
+        "self._use_fast_impl = use_fast_impl and _fast_impl_available()\n",
+        "COCOEvaluator(use_fast_impl=True) is the default: fall back to pycocotools' COCOeval.",
+        1,
+    ),
+    (
+        "evaluation/coco_evaluation.py",
+        "(COCOeval_opt if use_fast_impl else COCOeval)",
+        "(COCOeval_opt if use_fast_impl and _fast_impl_available() else COCOeval)",
+        "The module-level helper _evaluate_predictions_on_coco takes the same fallback.",
+        1,
+    ),
+    (
+        "layers/nms.py",
+        "    return torch.ops.detectron2.nms_rotated(boxes, scores, iou_threshold)\n",
+        "    from detectron2 import _C  # pure-Python build: raises the missing-extension error\n\n"
+        "    return _C.nms_rotated(boxes, scores, iou_threshold)\n",
+        "nms_rotated is registered as torch.ops.detectron2 by the C++ extension; without it torch "
+        "raises a bare AttributeError. Route it to the _C stand-in, whose error says what to do.",
+        1,
+    ),
+]
+
+# NumPy 1.24 removed the aliases np.int / np.float / np.str (np.bool came back in NumPy 2 as the
+# NumPy bool type); each was exactly the Python builtin, so the builtin is the faithful fix.
+NUMPY_ALIAS = re.compile(r"\bnp\.(int|float|str|bool|object)\b(?![\w.])")
+NUMPY_ALIAS_WHY = "NumPy >= 1.24 removed np.int/np.float/np.str/np.bool aliases of builtins."
+
+
+def log(msg: str) -> None:
+    print(f"[provision-detectron2] {msg}", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Detection of an existing installation
+# ---------------------------------------------------------------------------------------------
+
+
+def existing_detectron2(python: str) -> str | None:
+    """Return a description of a usable installed Detectron2 >= 0.6, or None."""
+    probe = textwrap.dedent(
+        f"""
+        import importlib, detectron2
+        for m in {REQUIRED_SUBPACKAGES!r}:
+            importlib.import_module("detectron2." + m)
+        from detectron2 import _C
+        kind = "pure-Python build" if getattr(_C, "PURE_PYTHON_BUILD", False) else "compiled"
+        print(detectron2.__version__, kind, detectron2.__file__, sep="|")
+        """
+    )
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if proc.returncode != 0:
+        # Present but the compiled extension is broken/missing: try the submodules without _C.
+        return None
+    version, kind, path = proc.stdout.strip().splitlines()[-1].split("|")
+    if not _version_at_least(version, (0, 6)):
+        return None
+    return f"detectron2 {version} ({kind}) at {os.path.dirname(path)}"
+
+
+def _version_at_least(version: str, minimum: tuple[int, ...]) -> bool:
+    nums = []
+    for part in re.split(r"[.+]", version):
+        if not part.isdigit():
+            break
+        nums.append(int(part))
+    return tuple(nums) >= minimum
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetch and verify
+# ---------------------------------------------------------------------------------------------
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fetch_sdist(python: str, workdir: Path, expected_sha256: str) -> Path:
+    """Download (or take from $DETECTRON2_SDIST) the sdist and verify its hash; return its path."""
+    local = os.environ.get("DETECTRON2_SDIST")
+    if local:
+        path = Path(local)
+        if not path.is_file():
+            raise ProvisionError(
+                f"DETECTRON2_SDIST={local} does not exist. Point it at a downloaded "
+                f"{SDIST_FILE}, or unset it to download from the package index."
+            )
+        log(f"using {path} from DETECTRON2_SDIST")
+    else:
+        reqs = workdir / "sdist-requirements.txt"
+        # --require-hashes: pip checks the hash right after the download, before it runs the
+        # sdist's setup.py to read metadata; nothing from an unverified archive is executed.
+        reqs.write_text(f"{SDIST_NAME}=={SDIST_VERSION} --hash=sha256:{expected_sha256}\n")
+        dest = workdir / "download"
+        cmd = [
+            python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+            "--no-build-isolation", "--require-hashes", "-r", str(reqs), "-d", str(dest),
+        ]  # fmt: skip
+        log(f"downloading {SDIST_NAME}=={SDIST_VERSION} (sha256 {expected_sha256[:12]}...)")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            out = (proc.stdout + proc.stderr).strip()
+            if "DO NOT MATCH THE HASHES" in out:
+                raise ProvisionError(
+                    f"the downloaded {SDIST_FILE} does not have the pinned sha256 "
+                    f"{expected_sha256}. Refusing to build it. If the pin in "
+                    "tools/provision_detectron2.py was edited, restore it; otherwise the "
+                    f"package index serves a different file.\npip said:\n{_tail(out)}"
+                )
+            raise ProvisionError(
+                f"could not download {SDIST_NAME}=={SDIST_VERSION} from the package index "
+                "(no network, or the index does not serve it). Either install the official "
+                f"Detectron2 into this environment ({OFFICIAL_INSTALL}), or download "
+                f"{SDIST_FILE} elsewhere and set DETECTRON2_SDIST=/path/to/it.\n"
+                f"pip said:\n{_tail(out)}"
+            )
+        found = sorted(dest.glob(f"{SDIST_NAME}-*.tar.gz"))
+        if len(found) != 1:
+            raise ProvisionError(f"pip download produced {found}, expected one {SDIST_FILE}")
+        path = found[0]
+    digest = sha256_of(path)
+    if digest != expected_sha256:
+        raise ProvisionError(
+            f"{path} has sha256 {digest}, but the pinned sha256 is {expected_sha256}. Refusing "
+            f"to build it: use the genuine {SDIST_FILE}, or restore the pin in "
+            "tools/provision_detectron2.py if it was edited."
+        )
+    log(f"sha256 verified: {digest}")
+    return path
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage, patch, build, install
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_sources(sdist: Path, workdir: Path) -> Path:
+    """Extract only the ``detectron2/`` package into a fresh pure-Python project directory."""
+    project = workdir / "detectron2-purepython"
+    prefix = f"{SDIST_NAME}-{SDIST_VERSION}/detectron2/"
+    with tarfile.open(sdist, "r:gz") as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+        if not members:
+            raise ProvisionError(f"{sdist} has no {prefix} directory: not the expected sdist")
+        for m in members:
+            if not (m.isfile() or m.isdir()):
+                raise ProvisionError(f"{sdist}: unexpected member type for {m.name}")
+            m.name = m.name[len(f"{SDIST_NAME}-{SDIST_VERSION}/") :]
+        tar.extractall(project, members=members, filter="data")
+    return project
+
+
+def apply_patches(package_dir: Path) -> None:
+    for rel, old, new, why, count in PATCHES:
+        path = package_dir / rel
+        text = path.read_text()
+        found = text.count(old)
+        if found != count:
+            raise ProvisionError(
+                f"compatibility fix for detectron2/{rel} expected {count} occurrence(s) of "
+                f"{old!r}, found {found}: the sdist is not the expected v0.6 tree."
+            )
+        path.write_text(text.replace(old, new))
+        log(f"patched detectron2/{rel}: {why}")
+    n_alias = 0
+    for path in sorted(package_dir.rglob("*.py")):
+        text = path.read_text()
+        new, n = NUMPY_ALIAS.subn(r"\1", text)
+        if n:
+            path.write_text(new)
+            n_alias += n
+    log(f"replaced {n_alias} NumPy aliases: {NUMPY_ALIAS_WHY}")
+    if (package_dir / "_C.py").exists() or list(package_dir.glob("_C.*.so")):
+        raise ProvisionError("the sdist unexpectedly contains detectron2/_C; refusing to patch")
+    (package_dir / "_C.py").write_text(_C_PLACEHOLDER)
+    log("added detectron2/_C.py: the C++ extension is absent; ops that need it fail when used")
+
+
+def write_build_files(project: Path) -> None:
+    (project / "setup.py").write_text(
+        textwrap.dedent(
+            f"""\
+            # Pure-Python build of Detectron2 v0.6 (no C++/CUDA extension), made by
+            # nl_detectron's tools/provision_detectron2.py from the verified registry sdist.
+            from setuptools import find_packages, setup
+
+            setup(
+                name="detectron2",
+                version="{INSTALLED_VERSION}",
+                description="Detectron2 v0.6 Python sources (no C++/CUDA extension)",
+                license="Apache-2.0",
+                python_requires=">=3.8",
+                packages=find_packages(include=["detectron2", "detectron2.*"]),
+                package_data={{"detectron2.model_zoo": ["configs/**/*.yaml", "configs/**/*.py"]}},
+                install_requires=[
+                    "Pillow>=7.1",
+                    "matplotlib",
+                    "pycocotools>=2.0.2",
+                    "termcolor>=1.1",
+                    "yacs>=0.1.8",
+                    "tabulate",
+                    "cloudpickle",
+                    "tqdm>4.29.0",
+                    "tensorboard",
+                    "fvcore>=0.1.5,<0.1.6",
+                    "iopath>=0.1.7,<0.1.10",
+                    "omegaconf>=2.1",
+                    "hydra-core>=1.1",
+                ],
+            )
+            """
+        )
+    )
+
+
+def pip_install(python: str, project: Path) -> None:
+    cmd = [
+        python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+        "--quiet", str(project),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        uninstall(python)
+        raise ProvisionError(
+            "building/installing the pure-Python Detectron2 failed.\n"
+            f"pip said:\n{_tail(proc.stdout + proc.stderr)}"
+        )
+
+
+def uninstall(python: str) -> None:
+    subprocess.run(
+        [python, "-m", "pip", "uninstall", "--yes", "--quiet", "detectron2"],
+        capture_output=True,
+        text=True,
+    )
+
+
+def provision(python: str, expected_sha256: str, keep_existing: bool = True) -> str:
+    if keep_existing:
+        found = existing_detectron2(python)
+        if found:
+            log(f"using the installed {found}; nothing to do")
+            return found
+    with tempfile.TemporaryDirectory(prefix="nl-detectron2-") as tmp:
+        workdir = Path(tmp)
+        sdist = fetch_sdist(python, workdir, expected_sha256)
+        project = stage_sources(sdist, workdir)
+        apply_patches(project / "detectron2")
+        write_build_files(project)
+        uninstall(python)  # a broken or older detectron2 would shadow the new one
+        pip_install(python, project)
+    found = existing_detectron2(python)
+    if not found:
+        probe = subprocess.run(
+            [python, "-c", "import detectron2.modeling, detectron2.data, "
+             "detectron2.evaluation, detectron2.engine"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        uninstall(python)
+        raise ProvisionError(
+            "the pure-Python Detectron2 was installed but does not import; it was removed "
+            f"again.\nPython said:\n{_tail(probe.stderr)}"
+        )
+    log(f"installed {found}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--python", default=sys.executable, help="interpreter of the target environment"
+    )
+    parser.add_argument(
+        "--sha256",
+        default=os.environ.get("DETECTRON2_SDIST_SHA256", SDIST_SHA256),
+        help="expected sha256 of the sdist (default: the pinned value)",
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rebuild even if a usable Detectron2 is installed"
+    )
+    args = parser.parse_args(argv)
+    try:
+        provision(args.python, args.sha256.lower(), keep_existing=not args.force)
+    except ProvisionError as e:
+        print(f"\n[provision-detectron2] ERROR: {e}\n", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
