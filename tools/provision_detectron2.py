@@ -94,7 +94,7 @@ def __getattr__(name):
     )
 '''
 
-_FAST_IMPL_CHECK = '''
+_FAST_IMPL_CHECK = """
 
 def _fast_impl_available():
     # nl_detectron pure-Python build: the fast COCOeval (COCOeval_opt) needs the C++ extension.
@@ -102,7 +102,7 @@ def _fast_impl_available():
     from detectron2 import _C
 
     return not getattr(_C, "PURE_PYTHON_BUILD", False)
-'''
+"""
 
 PATCHES: list[tuple[str, str, str, str, int]] = [
     (
@@ -123,9 +123,8 @@ PATCHES: list[tuple[str, str, str, str, int]] = [
     (
         "model_zoo/model_zoo.py",
         'cfg_file = pkg_resources.resource_filename(\n        "detectron2.model_zoo", '
-        "os.path.join(\"configs\", config_path)\n    )",
-        'cfg_file = str(_resources.files("detectron2.model_zoo").joinpath("configs", '
-        "config_path))",
+        'os.path.join("configs", config_path)\n    )',
+        'cfg_file = str(_resources.files("detectron2.model_zoo").joinpath("configs", config_path))',
         "Same pkg_resources removal: resolve the bundled config file with importlib.resources.",
         1,
     ),
