@@ -1,0 +1,372 @@
+"""The non-local block of "Non-local Neural Networks" (Wang et al., CVPR 2018), Sec. 3.
+
+    y_i = 1 / C(x) * sum_j f(x_i, x_j) g(x_j)        z_i = W_z y_i + x_i        (Eq. 1 and 6)
+
+The four pairwise functions f of Sec. 3.2 are implemented without materialising the N x M
+affinity map (N query positions, M key positions after sub-sampling):
+
+- embedded Gaussian / Gaussian: fused attention (``F.scaled_dot_product_attention``);
+- dot product: reassociated as ``theta @ (phi^T g) / M``, linear in N and M;
+- concatenation: ``ReLU(a_i + b_j)`` summed over j becomes two suffix sums over the keys sorted by
+  ``b_j``, looked up with a binary search: O((N + M) log M) time, O(N + M) memory.
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    from detectron2.layers import CNNBlockBase
+except ImportError:  # detectron2 is optional for the block itself
+
+    class CNNBlockBase(nn.Module):
+        """Stand-in for ``detectron2.layers.CNNBlockBase`` when detectron2 is not installed.
+
+        A CNN block with ``in_channels``, ``out_channels`` and ``stride`` attributes and a
+        ``freeze()`` method, as detectron2's ResNet stages expect.
+        """
+
+        def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+            super().__init__()
+            self.in_channels = in_channels
+            self.out_channels = out_channels
+            self.stride = stride
+
+        def freeze(self) -> "CNNBlockBase":
+            """Make the block not trainable (detectron2 also converts BN to FrozenBN here)."""
+            for p in self.parameters():
+                p.requires_grad = False
+            return self
+
+
+__all__ = ["NonLocalBlock"]
+
+_PAIRWISE = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+_NORMS = ("BN", "SyncBN", "GN", "")
+_INPUT_LAYOUT = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, T, H, W)"}
+
+
+def _shape_str(shape: list[int]) -> str:
+    """``str(tuple(shape))``, also under TorchScript."""
+    items = [str(s) for s in shape]
+    return "(" + ", ".join(items) + ("," if len(items) == 1 else "") + ")"
+
+
+def _upcast(t: Tensor) -> Tensor:
+    """float16 / bfloat16 -> float32; other dtypes unchanged."""
+    if t.dtype == torch.float16 or t.dtype == torch.bfloat16:
+        return t.float()
+    return t
+
+
+def _make_norm(norm: Optional[str], channels: int, dim: int) -> Optional[nn.Module]:
+    """The norm after ``W_z`` (paper Sec. 4.1: BN with gamma initialised to 0), or None."""
+    if norm is None or norm == "":
+        return None
+    if norm == "FrozenBN":
+        raise ValueError(
+            "NonLocalBlock does not support norm='FrozenBN': its gamma is initialised to 0 and a "
+            "frozen BN never updates it, so the block would stay a no-op forever. "
+            "Use norm='BN', 'SyncBN', 'GN' or '' (no norm; then W_z is zero-initialised)."
+        )
+    if norm == "BN":
+        return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1](channels)
+    if norm == "SyncBN":
+        # Falls back to plain batch norm when torch.distributed is not initialised or has a
+        # single process, so it also runs on CPU outside distributed training.
+        return nn.SyncBatchNorm(channels)
+    if norm == "GN":
+        if channels % 32 != 0:
+            raise ValueError(
+                f"NonLocalBlock with norm='GN' uses GroupNorm with 32 groups, so in_channels must "
+                f"be divisible by 32; got in_channels={channels}."
+            )
+        return nn.GroupNorm(32, channels)
+    raise ValueError(f"Unknown norm {norm!r} for NonLocalBlock; valid norms are {_NORMS}.")
+
+
+class NonLocalBlock(CNNBlockBase):
+    """Non-local block (paper Sec. 3.3, Fig. 2) for 1D, 2D or spatio-temporal 3D feature maps.
+
+    Input and output: ``(N, C, L)`` for ``dim=1``, ``(N, C, H, W)`` for ``dim=2``,
+    ``(N, C, T, H, W)`` for ``dim=3``; the output has the input's shape and the block is an exact
+    identity at construction (the last norm's gamma, or ``W_z`` without a norm, is zero).
+
+    Args:
+        in_channels: C, channels of the input and output.
+        dim: 1, 2 or 3 spatial dimensions.
+        pairwise: ``"embedded_gaussian"`` (default, the paper's), ``"gaussian"``,
+            ``"dot_product"`` or ``"concatenation"`` (Sec. 3.2).
+        inner_channels: C', channels of theta, phi and g; default ``in_channels // 2`` (Sec. 3.3).
+        sub_sample: max-pool phi and g by 2 (1D), 2x2 (2D) or 1x2x2 (3D) (Sec. 3.3). Pooling
+            uses ``ceil_mode`` so odd sizes keep their last row and sizes of 1 are not pooled.
+        scale: factor on the logits of the two Gaussian forms. None means ``C' ** -0.5`` for the
+            embedded Gaussian (the released code's default) and ``C ** -0.5`` for the Gaussian,
+            whose logits are dot products of raw C-channel features; 1.0 is the paper's formula.
+            Ignored by dot product and concatenation.
+        norm: ``"BN"``, ``"SyncBN"``, ``"GN"`` (32 groups) or ``""``/None, after ``W_z``.
+            ``"FrozenBN"`` is refused: with gamma 0 it would keep the block a no-op.
+        init_std: std of the Gaussian init of the 1x1 convs (released code: 0.01).
+
+    Submodules: ``theta``, ``phi`` (None for the Gaussian form, which uses x itself), ``g``,
+    ``concat_project`` (w_f of the concatenation form, else None), ``out_conv`` (W_z) and
+    ``out_norm`` (None without a norm).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        dim: int = 2,
+        pairwise: str = "embedded_gaussian",
+        inner_channels: Optional[int] = None,
+        sub_sample: bool = True,
+        scale: Optional[float] = None,
+        norm: Optional[str] = "BN",
+        init_std: float = 0.01,
+    ) -> None:
+        super().__init__(in_channels, in_channels, 1)
+        if dim not in (1, 2, 3):
+            raise ValueError(f"NonLocalBlock supports dim 1, 2 or 3; got dim={dim!r}.")
+        if pairwise not in _PAIRWISE:
+            raise ValueError(
+                f"Unknown pairwise function {pairwise!r} for NonLocalBlock; "
+                f"valid ones are {_PAIRWISE}."
+            )
+        if inner_channels is None:
+            inner_channels = in_channels // 2
+        if inner_channels <= 0:
+            raise ValueError(
+                f"NonLocalBlock needs a positive number of inner channels; got "
+                f"inner_channels={inner_channels} (in_channels={in_channels})."
+            )
+        if scale is not None and scale <= 0:
+            raise ValueError(f"NonLocalBlock scale must be positive or None; got scale={scale}.")
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1]
+        gaussian_forms = pairwise in ("embedded_gaussian", "gaussian")
+
+        self.dim = dim
+        self._input_layout = _INPUT_LAYOUT[dim]
+        self.pairwise = pairwise
+        self.inner_channels = inner_channels
+        self.sub_sample = sub_sample
+        if gaussian_forms and scale is None:
+            scale = (in_channels if pairwise == "gaussian" else inner_channels) ** -0.5
+        self.scale = scale if gaussian_forms else None
+
+        # The Gaussian form compares raw features x_i^T x_j: no embedding (Sec. 3.2).
+        self.theta = None if pairwise == "gaussian" else conv(in_channels, inner_channels, 1)
+        self.phi = None if pairwise == "gaussian" else conv(in_channels, inner_channels, 1)
+        self.g = conv(in_channels, inner_channels, 1)
+        # w_f of ReLU(w_f^T [theta_i, phi_j]), a 1x1 conv from the 2C' concatenated channels.
+        self.concat_project = (
+            conv(2 * inner_channels, 1, 1, bias=False) if pairwise == "concatenation" else None
+        )
+        pool = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[dim - 1]
+        window = (2, (2, 2), (1, 2, 2))[dim - 1]
+        self.pool = pool(window, ceil_mode=True) if sub_sample else None
+        self.out_norm = _make_norm(norm, in_channels, dim)
+        self.out_conv = conv(inner_channels, in_channels, 1, bias=self.out_norm is None)
+        # On an empty batch a training-mode batch norm has no statistics: it is skipped there,
+        # except a SyncBN that synchronises, which must join the other processes' collectives.
+        self._batch_norm = isinstance(self.out_norm, nn.modules.batchnorm._BatchNorm)
+        self._sync_norm = isinstance(self.out_norm, nn.SyncBatchNorm)
+
+        for layer in (self.theta, self.phi, self.g, self.concat_project, self.out_conv):
+            if layer is not None:
+                nn.init.normal_(layer.weight, std=init_std)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        # Zero-init last (Sec. 4.1): the block starts as an identity, so inserting it into a
+        # pretrained network keeps that network's behaviour.
+        if self.out_norm is not None:
+            nn.init.zeros_(self.out_norm.weight)
+        else:
+            nn.init.zeros_(self.out_conv.weight)
+            nn.init.zeros_(self.out_conv.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, pairwise={self.pairwise!r}, inner_channels={self.inner_channels}, "
+            f"sub_sample={self.sub_sample}, scale={self.scale}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C, *S) -> (N, C, *S)``: ``x + norm(W_z y)`` with y of Eq. 1."""
+        if x.dim() != self.dim + 2:
+            raise ValueError(
+                f"NonLocalBlock(dim={self.dim}) takes an input of shape "
+                f"{self._input_layout}. Got {_shape_str(x.shape)} instead!"
+            )
+        keys, _ = self._keys(x)
+        values = self._values(x)
+        if self.pairwise == "dot_product":
+            y = self._dot_product(x, keys, values)
+        elif self.pairwise == "concatenation":
+            y = self._concatenation(x, keys, values)
+        else:
+            y = self._softmax(x, keys, values)
+        # (N, HW, C') -> (N, C', HW) -> (N, C', H, W)
+        y = y.to(x.dtype).transpose(1, 2).reshape([x.shape[0], y.shape[2]] + list(x.shape[2:]))
+        z = self.out_conv(y)
+        if self.out_norm is not None:
+            if (
+                x.shape[0] == 0
+                and self.training
+                and self._batch_norm
+                and not (self._sync_norm and self._synchronising())
+            ):
+                # Keep gamma and beta in the autograd graph (zero gradients) for DDP.
+                z = z + 0.0 * (self.out_norm.weight.sum() + self.out_norm.bias.sum())
+            else:
+                z = self.out_norm(z)
+        return x + z
+
+    @torch.jit.unused
+    def _synchronising(self) -> bool:
+        """Whether a SyncBN ``out_norm`` synchronises statistics across processes now."""
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    # ----------------------------------------------------------------------------------------
+    # Embeddings. Shapes: N positions of x, M positions after sub-sampling, C' inner channels.
+
+    def _queries(self, x: Tensor) -> Tensor:
+        """theta(x_i), or x_i for the Gaussian form: ``(N, C, *S) -> (N, HW, C')``."""
+        q = x if self.theta is None else self.theta(x)
+        # (N, C', H, W) -> (N, C', HW) -> (N, HW, C'); fused attention needs a unit last stride
+        return q.flatten(2).transpose(1, 2).contiguous()
+
+    def _keys(self, x: Tensor) -> tuple[Tensor, list[int]]:
+        """Sub-sampled phi(x_j), or x_j for the Gaussian form: ``(N, C, *S) -> (N, M, C')``.
+
+        Also returns the sub-sampled spatial shape ``S'`` (``M = prod(S')``).
+        """
+        k = x if self.phi is None else self.phi(x)
+        if self.pool is not None:
+            k = self.pool(k)
+        # (N, C', H', W') -> (N, C', M) -> (N, M, C')
+        return k.flatten(2).transpose(1, 2).contiguous(), list(k.shape[2:])
+
+    def _values(self, x: Tensor) -> Tensor:
+        """Sub-sampled g(x_j): ``(N, C, *S) -> (N, M, C')``."""
+        v = self.g(x)
+        if self.pool is not None:
+            v = self.pool(v)
+        # (N, C', H', W') -> (N, C', M) -> (N, M, C')
+        return v.flatten(2).transpose(1, 2).contiguous()
+
+    def _concat_terms(self, x: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Split ``w_f^T [theta_i, phi_j] = a_i + b_j``; returns a ``(N, HW)`` and b ``(N, M)``.
+
+        ``a = w_1^T theta(x)`` is computed from x directly with the folded weight
+        ``w_1^T W_theta`` (one output channel instead of C'), in float32 for half inputs.
+        """
+        assert self.concat_project is not None and self.theta is not None
+        theta_bias = self.theta.bias
+        assert theta_bias is not None
+        w = _upcast(self.concat_project.weight.flatten())
+        w_theta, w_phi = w[: self.inner_channels], w[self.inner_channels :]
+        # (C') @ (C', C) -> (C)
+        w_a = w_theta @ _upcast(self.theta.weight.flatten(1))
+        # (C) @ (N, C, HW) -> (N, HW)
+        a = w_a @ _upcast(x.flatten(2)) + w_theta @ _upcast(theta_bias)
+        # (N, M, C') @ (C') -> (N, M)
+        b = _upcast(keys) @ w_phi
+        return a, b
+
+    # ----------------------------------------------------------------------------------------
+    # Pairwise functions (Sec. 3.2). Each maps x (N, C, *S), keys (N, M, Ck) and values
+    # (N, M, C') to y (N, HW, C'), with the normalisation C(x) applied.
+
+    def _softmax(self, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Embedded Gaussian and Gaussian: ``y = softmax_j(scale * q_i^T k_j) g_j``.
+
+        Fused attention never stores the ``HW x M`` map and accumulates the logits in float32 for
+        half inputs (no fp16 overflow). Its fused kernels need equal query and value widths, so
+        the narrower side is zero-padded (which changes neither logits nor values).
+        """
+        q = self._queries(x)
+        width = max(q.shape[2], values.shape[2])
+        v = F.pad(values, [0, width - values.shape[2]])
+        q = F.pad(q, [0, width - q.shape[2]])
+        k = F.pad(keys, [0, width - keys.shape[2]])
+        # (N, HW, C') -> (N, 1, HW, C'): a single attention head
+        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=self.scale)
+        # (N, 1, HW, C') -> (N, HW, C')
+        return y[:, 0, :, : values.shape[2]]
+
+    def _dot_product(self, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Dot product: ``y = theta (phi^T g) / M``, the reassociated ``(theta phi^T / M) g``.
+
+        Each factor gets ``M ** -0.5`` so that ``phi^T g`` is an average and cannot overflow
+        fp16 even where autocast keeps the matmul in half precision.
+        """
+        q, k, v = _upcast(self._queries(x)), _upcast(keys), _upcast(values)
+        norm = keys.shape[1] ** -0.5
+        # (N, M, C')^T @ (N, M, C') -> (N, C', C')
+        kv = (k * norm).transpose(1, 2) @ (v * norm)
+        # (N, HW, C') @ (N, C', C') -> (N, HW, C')
+        return q @ kv
+
+    def _concatenation(self, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Concatenation: ``y_i = 1/M sum_j ReLU(a_i + b_j) g_j`` without the ``HW x M`` map.
+
+        With the keys sorted by b, the j that pass the ReLU for query i are a suffix, those with
+        ``b_j > -a_i``, so ``y_i = (a_i S_g(k_i) + S_bg(k_i)) / M`` where ``S_g(k)`` and
+        ``S_bg(k)`` are the sums of ``g_j`` and ``b_j g_j`` over sorted keys ``k..M-1`` and
+        ``k_i`` is found by binary search. Differentiable in a, b and g; float32 for half inputs.
+        """
+        a, b = self._concat_terms(x, keys)
+        v = _upcast(values)
+        m, width = v.shape[1], v.shape[2]
+        b_sorted, order = b.sort(dim=1)
+        # (N, M) -> (N, M, C'): g reordered like the sorted b
+        v_sorted = v.gather(1, order.unsqueeze(2).expand(-1, -1, width))
+        # (N, M, C') x 2 -> (N, M, 2C'): [g_j, b_j g_j]
+        terms = torch.cat([v_sorted, b_sorted.unsqueeze(2) * v_sorted], dim=2)
+        # Suffix sums by a cumsum of the reversed order (no cancellation), then a zero row for
+        # queries that no key passes: (N, M, 2C') -> (N, M + 1, 2C')
+        suffix = F.pad(terms.flip(1).cumsum(1).flip(1), [0, 0, 0, 1])
+        first = torch.searchsorted(b_sorted, -a, right=True)
+        # (N, HW) -> (N, HW, 2C'): suffix sums from each query's first passing key
+        sums = suffix.gather(1, first.unsqueeze(2).expand(-1, -1, 2 * width))
+        return (a.unsqueeze(2) * sums[:, :, :width] + sums[:, :, width:]) / m
+
+    # ----------------------------------------------------------------------------------------
+
+    @torch.jit.unused
+    def affinity(self, x: Tensor, query_index: Tensor) -> tuple[Tensor, list[int]]:
+        """Normalised affinities ``f(x_i, x_j) / C(x)`` for chosen queries i (for visualisation).
+
+        Args:
+            x: ``(N, C, *S)`` input of the block.
+            query_index: ``(Q,)`` integer indices into the flattened ``S`` (row-major order).
+
+        Returns:
+            A ``(N, Q, M)`` tensor (float32 for half inputs), one row per query over the M key
+            positions (softmax rows for the Gaussian forms, which sum to 1; ``f / M`` for the
+            other two), and the key grid ``S'`` as a list (``M = prod(S')``; sub-sampled when
+            ``sub_sample``).
+            Only these Q rows are computed, never the full map.
+        """
+        if x.dim() != self.dim + 2:
+            raise ValueError(
+                f"NonLocalBlock(dim={self.dim}) takes an input of shape "
+                f"{self._input_layout}. Got {_shape_str(x.shape)} instead!"
+            )
+        query_index = query_index.to(device=x.device, dtype=torch.long)
+        keys, key_shape = self._keys(x)
+        m = keys.shape[1]
+        if self.pairwise == "concatenation":
+            a, b = self._concat_terms(x, keys)
+            # (N, Q, 1) + (N, 1, M) -> (N, Q, M)
+            return F.relu(a[:, query_index, None] + b[:, None, :]) / m, key_shape
+        q = _upcast(self._queries(x)[:, query_index])
+        # (N, Q, C') @ (N, C', M) -> (N, Q, M)
+        logits = q @ _upcast(keys).transpose(1, 2)
+        if self.pairwise == "dot_product":
+            return logits / m, key_shape
+        return torch.softmax(logits * self.scale, dim=2), key_shape

@@ -1,0 +1,385 @@
+"""Tests of NonLocalBlock against a direct implementation of the paper's formula (Sec. 3)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from nl_detectron.non_local_block import CNNBlockBase, NonLocalBlock
+
+PAIRWISE = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+SOFTMAX_FORMS = ("embedded_gaussian", "gaussian")
+# Spatial sizes per dim: odd sizes, and sizes of 1 (smaller than the pool window).
+SIZES = {
+    1: [(1,), (5,), (8,)],
+    2: [(1, 1), (3, 5), (4, 4), (1, 3)],
+    3: [(1, 1, 1), (2, 3, 5), (3, 2, 2)],
+}
+POOL_WINDOW = {1: 2, 2: (2, 2), 3: (1, 2, 2)}
+MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def reference_forward(block: NonLocalBlock, x: torch.Tensor) -> torch.Tensor:
+    """Eq. 1 and 6 of the paper, materialising the (N, HW, M) pairwise map; same weights."""
+    batch, _, *spatial = x.shape
+    theta = x if block.theta is None else block.theta(x)
+    phi = x if block.phi is None else block.phi(x)
+    g = block.g(x)
+    if block.sub_sample:
+        window = POOL_WINDOW[block.dim]
+        # ceil_mode: a partial window at an odd border is pooled over what it covers
+        phi = MAX_POOL[block.dim](phi, window, window, ceil_mode=True)
+        g = MAX_POOL[block.dim](g, window, window, ceil_mode=True)
+    theta, phi = theta.flatten(2), phi.flatten(2)  # (B, C', HW), (B, C', M)
+    g = g.flatten(2).transpose(1, 2)  # (B, M, C')
+    m = phi.shape[2]
+    if block.pairwise in SOFTMAX_FORMS:
+        f = torch.softmax(block.scale * theta.transpose(1, 2) @ phi, dim=2)
+    elif block.pairwise == "dot_product":
+        f = theta.transpose(1, 2) @ phi / m
+    else:  # concatenation: ReLU(w_f^T [theta_i, phi_j]) over all pairs, then / M
+        n = theta.shape[2]
+        pairs = torch.cat(
+            [
+                theta[:, :, :, None].expand(-1, -1, n, m),
+                phi[:, :, None, :].expand(-1, -1, n, m),
+            ],
+            dim=1,
+        )  # (B, 2C', HW, M)
+        w_f = block.concat_project.weight.flatten()
+        f = F.relu(torch.einsum("c,bcnm->bnm", w_f, pairs)) / m
+    y = (f @ g).transpose(1, 2).reshape(batch, -1, *spatial)
+    z = block.out_conv(y)
+    if block.out_norm is not None:
+        z = block.out_norm(z)
+    return x + z
+
+
+def randomise(block: NonLocalBlock, seed: int = 0) -> NonLocalBlock:
+    """Random weights everywhere, including the zero-initialised ones and BN statistics."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.5)
+        if isinstance(block.out_norm, nn.modules.batchnorm._BatchNorm):
+            block.out_norm.running_mean.normal_(generator=gen)
+            block.out_norm.running_var.uniform_(0.5, 2.0, generator=gen)
+    return block
+
+
+def make_input(dim: int, size: tuple, channels: int = 8, batch: int = 2, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, channels, *size, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("norm", ["BN", "GN", ""])
+def test_identity_at_init(pairwise, dim, norm):
+    channels = 32 if norm == "GN" else 8
+    block = NonLocalBlock(channels, dim=dim, pairwise=pairwise, norm=norm)
+    x = torch.randn(2, channels, *SIZES[dim][1]) * 10
+    assert torch.equal(block(x), x)
+    block.eval()
+    assert torch.equal(block(x), x)
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("sub_sample", [True, False])
+def test_matches_reference_forward_and_backward(pairwise, dim, sub_sample):
+    block = NonLocalBlock(8, dim=dim, pairwise=pairwise, sub_sample=sub_sample).double()
+    randomise(block)
+    params = list(block.parameters())
+    for i, size in enumerate(SIZES[dim]):
+        for training in (True, False):
+            block.train(training)
+            x = make_input(dim, size, seed=i).requires_grad_()
+            out = block(x)
+            expected = reference_forward(block, x)
+            assert out.shape == x.shape
+            torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+            grad_out = torch.randn_like(out)
+            grads = torch.autograd.grad(out, [x, *params], grad_out)
+            expected_grads = torch.autograd.grad(expected, [x, *params], grad_out)
+            for got, want in zip(grads, expected_grads):
+                torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_matches_reference_float32_larger(pairwise):
+    block = randomise(NonLocalBlock(16, pairwise=pairwise, norm=""), seed=3)
+    x = torch.randn(2, 16, 9, 13)
+    torch.testing.assert_close(block(x), reference_forward(block, x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_gradcheck(pairwise):
+    block = randomise(NonLocalBlock(4, pairwise=pairwise, norm="BN")).double()
+    names = [n for n, _ in block.named_parameters()]
+    x = make_input(2, (3, 3), channels=4, batch=2).requires_grad_()
+    params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+
+    def fn(x, *params):
+        return torch.func.functional_call(block, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params))
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_default_and_paper_scale(pairwise):
+    block = NonLocalBlock(16, pairwise=pairwise, inner_channels=4)
+    if pairwise == "embedded_gaussian":
+        assert block.scale == 4**-0.5  # released code: inner ** -0.5
+    elif pairwise == "gaussian":
+        assert block.scale == 16**-0.5  # raw x_i^T x_j over the 16 input channels
+    else:
+        assert block.scale is None
+    if pairwise in SOFTMAX_FORMS:
+        paper = randomise(NonLocalBlock(16, pairwise=pairwise, scale=1.0)).double()
+        x = make_input(2, (3, 4), channels=16) * 0.3
+        assert paper.scale == 1.0
+        torch.testing.assert_close(paper(x), reference_forward(paper, x))
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("norm", ["BN", "SyncBN", "GN", ""])
+def test_empty_batch(pairwise, training, norm):
+    block = randomise(NonLocalBlock(32, pairwise=pairwise, norm=norm)).train(training)
+    norm_state = {k: v.clone() for k, v in block.out_norm.state_dict().items()} if norm else {}
+    x = torch.randn(0, 32, 5, 7, requires_grad=True)
+    out = block(x)
+    assert out.shape == x.shape
+    out.sum().backward()
+    # Every parameter stays in the autograd graph (DDP expects gradients for all of them).
+    for name, p in block.named_parameters():
+        assert p.grad is not None, name
+        assert not p.grad.any(), name
+    if norm:  # running statistics are not touched by an empty batch
+        for key, value in block.out_norm.state_dict().items():
+            assert torch.equal(value, norm_state[key]), key
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize("norm", ["BN", ""])
+def test_zero_init_parameter_gets_gradient(pairwise, norm):
+    block = NonLocalBlock(8, pairwise=pairwise, norm=norm)
+    zero_param = block.out_norm.weight if norm else block.out_conv.weight
+    assert not zero_param.any()
+    x = torch.randn(2, 8, 5, 6)
+    loss = (block(x) * torch.randn(2, 8, 5, 6)).sum()
+    loss.backward()
+    assert zero_param.grad is not None and zero_param.grad.abs().sum() > 0
+    optimizer = torch.optim.SGD(block.parameters(), lr=1.0)
+    optimizer.step()
+    assert not torch.equal(block(x), x)  # one step later the block contributes
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"pairwise": "softmax"}, r"Unknown pairwise function 'softmax'.*'embedded_gaussian'"),
+        ({"dim": 4}, r"dim 1, 2 or 3; got dim=4"),
+        ({"norm": "FrozenBN"}, r"norm='FrozenBN'.*no-op.*'BN', 'SyncBN', 'GN' or ''"),
+        ({"norm": "LayerNorm"}, r"Unknown norm 'LayerNorm'.*'BN', 'SyncBN', 'GN'"),
+        ({"norm": "GN"}, r"divisible by 32; got in_channels=8"),
+        ({"inner_channels": 0}, r"positive number of inner channels; got inner_channels=0"),
+        ({"scale": -1.0}, r"scale must be positive or None; got scale=-1.0"),
+    ],
+)
+def test_refuses_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NonLocalBlock(8, **kwargs)
+
+
+def test_refuses_too_few_channels_for_default_inner():
+    with pytest.raises(ValueError, match=r"inner_channels=0 \(in_channels=1\)"):
+        NonLocalBlock(1)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_refuses_wrong_input_rank(dim):
+    block = NonLocalBlock(8, dim=dim)
+    layout = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, T, H, W)"}[dim]
+    bad = torch.randn(2, 8, *([3] * (dim + 1)))
+    expected = (
+        f"NonLocalBlock(dim={dim}) takes an input of shape {layout}. "
+        f"Got {tuple(bad.shape)} instead!"
+    )
+    with pytest.raises(ValueError) as info:
+        block(bad)
+    assert str(info.value) == expected
+
+
+@pytest.mark.parametrize("pairwise", SOFTMAX_FORMS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_large_logits(pairwise, dtype):
+    # Logits far beyond fp16's range (65504): x_i^T x_j ~ 64 * 200^2 before the scale.
+    block = randomise(NonLocalBlock(64, pairwise=pairwise, norm=""), seed=5)
+    x = (torch.randn(2, 64, 6, 7) * 200).to(dtype)
+    out = block.to(dtype)(x)
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    # The same rounded weights and input in float32: only the arithmetic precision differs.
+    expected = block.float()(x.float())
+    rel = (out.float() - expected).abs().max() / expected.abs().max()
+    assert rel < 0.02
+
+
+@pytest.mark.parametrize("pairwise", ["dot_product", "concatenation"])
+def test_half_precision_linear_forms(pairwise):
+    block = randomise(NonLocalBlock(16, pairwise=pairwise, norm=""), seed=6)
+    x = (torch.randn(2, 16, 20, 20) * 30).to(torch.bfloat16)
+    out = block.to(torch.bfloat16)(x)
+    expected = block.float()(x.float())
+    assert torch.isfinite(out).all()
+    assert (out.float() - expected).abs().max() / expected.abs().max() < 0.02
+
+
+@pytest.mark.parametrize("pairwise", SOFTMAX_FORMS)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_softmax_forms_use_fused_attention(pairwise, dim):
+    # Only the fused kernel is allowed: it raises if the block would need the N x M map.
+    block = randomise(NonLocalBlock(8, dim=dim, pairwise=pairwise, inner_channels=6))
+    x = torch.randn(2, 8, *SIZES[dim][1], requires_grad=True)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        block(x).sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_concatenation_ties_and_relu_boundary(pairwise):
+    # Repeated key values (ties in the sort) and queries sitting exactly on the ReLU kink.
+    block = randomise(NonLocalBlock(8, pairwise=pairwise, sub_sample=False)).double()
+    x = make_input(2, (2, 3))
+    x = torch.cat([x, x], dim=3)  # every key appears twice
+    torch.testing.assert_close(block(x), reference_forward(block, x))
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_torchscript(pairwise):
+    block = randomise(NonLocalBlock(8, pairwise=pairwise)).eval()
+    scripted = torch.jit.script(block)
+    x = torch.randn(2, 8, 5, 3)
+    torch.testing.assert_close(scripted(x), block(x))
+    with pytest.raises(Exception, match=r"takes an input of shape \(N, C, H, W\)"):
+        scripted(torch.randn(8, 5, 3))
+
+
+@pytest.mark.parametrize("dim", [1, 2, 3])
+def test_sync_bn_without_distributed(dim):
+    sync = randomise(NonLocalBlock(8, dim=dim, norm="SyncBN"))
+    plain = NonLocalBlock(8, dim=dim, norm="BN")
+    plain.load_state_dict(sync.state_dict())
+    assert isinstance(sync.out_norm, nn.SyncBatchNorm)
+    x = torch.randn(2, 8, *SIZES[dim][1])
+    torch.testing.assert_close(sync(x), plain(x))  # training mode, batch statistics
+    torch.testing.assert_close(sync.out_norm.running_mean, plain.out_norm.running_mean)
+    assert torch.equal(NonLocalBlock(8, dim=dim, norm="SyncBN")(x), x)
+
+
+def test_norm_modules():
+    assert isinstance(NonLocalBlock(8, dim=1).out_norm, nn.BatchNorm1d)
+    assert isinstance(NonLocalBlock(8, dim=2).out_norm, nn.BatchNorm2d)
+    assert isinstance(NonLocalBlock(8, dim=3).out_norm, nn.BatchNorm3d)
+    gn = NonLocalBlock(64, norm="GN").out_norm
+    assert isinstance(gn, nn.GroupNorm) and gn.num_groups == 32
+    for norm in ("", None):
+        block = NonLocalBlock(8, norm=norm)
+        assert block.out_norm is None
+        assert not block.out_conv.weight.any() and not block.out_conv.bias.any()
+    with_norm = NonLocalBlock(8)
+    assert with_norm.out_conv.bias is None  # the norm's beta makes a bias redundant
+    assert with_norm.out_conv.weight.std() > 0
+    assert not with_norm.out_norm.weight.any() and not with_norm.out_norm.bias.any()
+
+
+def test_init_std():
+    block = NonLocalBlock(256, inner_channels=128, init_std=0.01)
+    for layer in (block.theta, block.phi, block.g, block.out_conv):
+        assert abs(layer.weight.std().item() - 0.01) < 0.001
+    assert not block.theta.bias.any() and not block.g.bias.any()
+
+
+@pytest.mark.parametrize(
+    "pairwise, keys",
+    [
+        ("embedded_gaussian", ["theta", "phi", "g"]),
+        ("gaussian", ["g"]),
+        ("dot_product", ["theta", "phi", "g"]),
+        ("concatenation", ["theta", "phi", "g"]),
+    ],
+)
+def test_state_dict_keys(pairwise, keys):
+    block = NonLocalBlock(8, pairwise=pairwise)
+    expected = [f"{k}.{p}" for k in keys for p in ("weight", "bias")]
+    if pairwise == "concatenation":
+        expected.append("concat_project.weight")
+    expected += [
+        "out_norm.weight",
+        "out_norm.bias",
+        "out_norm.running_mean",
+        "out_norm.running_var",
+        "out_norm.num_batches_tracked",
+        "out_conv.weight",
+    ]
+    assert sorted(block.state_dict()) == sorted(expected)
+    assert block.concat_project is None or block.concat_project.weight.shape == (1, 8, 1, 1)
+    no_norm = NonLocalBlock(8, pairwise=pairwise, norm="")
+    assert "out_conv.bias" in no_norm.state_dict()
+    assert not any(k.startswith("out_norm") for k in no_norm.state_dict())
+
+
+def test_block_base_interface():
+    block = NonLocalBlock(16)
+    assert isinstance(block, CNNBlockBase)
+    assert (block.in_channels, block.out_channels, block.stride) == (16, 16, 1)
+    try:
+        from detectron2.layers import CNNBlockBase as Detectron2Base
+    except ImportError:
+        pass
+    else:  # detectron2's ResNet stages assert isinstance(block, CNNBlockBase)
+        assert isinstance(block, Detectron2Base)
+    block.freeze()
+    assert not any(p.requires_grad for p in block.parameters())
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize("sub_sample", [True, False])
+def test_affinity_rows(pairwise, sub_sample):
+    block = randomise(NonLocalBlock(8, pairwise=pairwise, sub_sample=sub_sample)).double()
+    x = make_input(2, (5, 6))
+    query_index = torch.tensor([0, 7, 29])
+    rows, key_shape = block.affinity(x, query_index)
+    assert key_shape == ([3, 3] if sub_sample else [5, 6])
+    assert rows.shape == (2, 3, key_shape[0] * key_shape[1])
+    # Rows of the reference map f / C(x).
+    theta = x if block.theta is None else block.theta(x)
+    phi = x if block.phi is None else block.phi(x)
+    if sub_sample:
+        phi = F.max_pool2d(phi, 2, 2, ceil_mode=True)
+    theta, phi = theta.flatten(2)[:, :, query_index], phi.flatten(2)
+    m = phi.shape[2]
+    if pairwise in SOFTMAX_FORMS:
+        expected = torch.softmax(block.scale * theta.transpose(1, 2) @ phi, dim=2)
+        torch.testing.assert_close(rows.sum(2), torch.ones(2, 3, dtype=rows.dtype))
+    elif pairwise == "dot_product":
+        expected = theta.transpose(1, 2) @ phi / m
+    else:
+        w1, w2 = block.concat_project.weight.flatten().split(4)
+        a = torch.einsum("c,bcn->bn", w1, theta)
+        b = torch.einsum("c,bcm->bm", w2, phi)
+        expected = F.relu(a[:, :, None] + b[:, None, :]) / m
+    torch.testing.assert_close(rows, expected)
+
+
+def test_inputs_smaller_than_pool_window():
+    for dim, pairwise in itertools.product([1, 2, 3], PAIRWISE):
+        block = randomise(NonLocalBlock(8, dim=dim, pairwise=pairwise)).eval()
+        x = torch.randn(1, 8, *([1] * dim))
+        out = block(x)
+        assert out.shape == x.shape and torch.isfinite(out).all()
