@@ -1,0 +1,73 @@
+"""Keypoint R-CNN head with non-local blocks between its convs (paper Sec. 6, Table 6)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from detectron2.config import CfgNode, configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
+
+from .config import non_local_block_args
+from .non_local_head import insert_head_non_local_blocks
+
+__all__ = ["NonLocalKRCNNConvDeconvUpsampleHead"]
+
+
+@ROI_KEYPOINT_HEAD_REGISTRY.register()
+class NonLocalKRCNNConvDeconvUpsampleHead(KRCNNConvDeconvUpsampleHead):
+    """Detectron2's keypoint head (3x3 convs, deconv, 2x bilinear upsampling) with NL blocks.
+
+    The paper puts 4 NL blocks into the 8-conv, 512-channel head, one after every 2 convs:
+    ``conv_fcn1, relu1, conv_fcn2, relu2, NL, ..., conv_fcn8, relu8, NL, score_lowres``.
+
+    Input: ``(R, C, 14, 14)`` RoI features; output: ``(R, num_keypoints, 56, 56)`` heatmap
+    logits; R may be 0. Upstream's modules keep their names (``conv_fcn1``...,
+    ``score_lowres``), so vanilla keypoint checkpoints load; the NL block after conv k is
+    ``non_local_after_conv_fcn{k}``.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        input_shape: ShapeSpec,
+        *,
+        num_keypoints: int,
+        conv_dims: Sequence[int],
+        non_local_positions: Sequence[int] = (2, 4, 6, 8),
+        non_local_bottleneck_ratio: float = 0.5,
+        non_local_args: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            input_shape, num_keypoints, conv_dims, kwargs: as ``KRCNNConvDeconvUpsampleHead``.
+            non_local_positions: 1-based indices k of the convs followed by an NL block (after
+                the conv's ReLU). Paper: (2, 4, 6, 8) in the 8-conv head.
+            non_local_bottleneck_ratio: inner channels of each block as a fraction of its
+                channels (paper: 0.5).
+            non_local_args: other ``NonLocalBlock`` keyword arguments (pairwise, sub_sample,
+                scale, norm, init_std); default: the block's (paper) defaults.
+        """
+        # Upstream initialises the head with one loop over all its parameters. It runs here,
+        # before any NL block exists, so the blocks keep their own init (zero gamma: identity).
+        super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
+        insert_head_non_local_blocks(
+            self,
+            anchors=[f"conv_fcn_relu{k}" for k in range(1, len(conv_dims) + 1)],
+            channels=list(conv_dims),
+            positions=non_local_positions,
+            key="MODEL.NONLOCAL.KEYPOINT_HEAD_POSITIONS",
+            name_format="non_local_after_conv_fcn{}",
+            bottleneck_ratio=non_local_bottleneck_ratio,
+            block_args=non_local_args,
+        )
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode, input_shape: ShapeSpec) -> dict[str, Any]:
+        ret = super().from_config(cfg, input_shape)
+        ret["non_local_positions"] = list(cfg.MODEL.NONLOCAL.KEYPOINT_HEAD_POSITIONS)
+        ret["non_local_bottleneck_ratio"] = cfg.MODEL.NONLOCAL.BOTTLENECK_RATIO
+        ret["non_local_args"] = non_local_block_args(cfg)
+        return ret
