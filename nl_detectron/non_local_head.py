@@ -50,6 +50,11 @@ def insert_head_non_local_blocks(
     """
     num_convs = len(anchors)
     positions = list(positions)
+    if positions and num_convs == 0:
+        raise ValueError(
+            f"{key} = {positions}: the head has no convs to put NL blocks after; leave {key} "
+            f"empty or give the head convs."
+        )
     for k in positions:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_convs:
             raise ValueError(

@@ -44,6 +44,7 @@ def shrink(cfg: CfgNode) -> CfgNode:
     cfg.MODEL.ROI_BOX_HEAD.FC_DIM = 32
     cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = 32
     cfg.MODEL.ROI_KEYPOINT_HEAD.CONV_DIMS = [32] * 8
+    cfg.TEST.DETECTIONS_PER_IMAGE = 10
     cfg.INPUT.MIN_SIZE_TEST = 64
     cfg.INPUT.MAX_SIZE_TEST = 96
     return cfg
