@@ -61,6 +61,11 @@ def _upcast(t: Tensor) -> Tensor:
     return t
 
 
+def _matrix(conv_weight: Tensor) -> Tensor:
+    """A 1x1(x1) convolution's weight as a matrix: ``(C_out, C_in, 1, ...) -> (C_out, C_in)``."""
+    return conv_weight.flatten(1)
+
+
 def _make_norm(norm: Optional[str], channels: int, dim: int) -> Optional[nn.Module]:
     """The norm after ``W_z`` (paper Sec. 4.1: BN with gamma initialised to 0), or None."""
     if norm is None or norm == "":
@@ -112,7 +117,9 @@ class NonLocalBlock(CNNBlockBase):
 
     Submodules: ``theta``, ``phi`` (None for the Gaussian form, which uses x itself), ``g``,
     ``concat_project`` (w_f of the concatenation form, else None), ``out_conv`` (W_z) and
-    ``out_norm`` (None without a norm).
+    ``out_norm`` (None without a norm). The 1x1 convolutions are stored as ``nn.Conv{1,2,3}d``
+    (the usual checkpoint layout) but applied as matrix products over the flattened positions,
+    which is the same arithmetic and faster on CPU; their forward hooks therefore do not run.
     """
 
     def __init__(
@@ -164,9 +171,6 @@ class NonLocalBlock(CNNBlockBase):
         self.concat_project = (
             conv(2 * inner_channels, 1, 1, bias=False) if pairwise == "concatenation" else None
         )
-        pool = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)[dim - 1]
-        window = (2, (2, 2), (1, 2, 2))[dim - 1]
-        self.pool = pool(window, ceil_mode=True) if sub_sample else None
         self.out_norm = _make_norm(norm, in_channels, dim)
         self.out_conv = conv(inner_channels, in_channels, 1, bias=self.out_norm is None)
         # On an empty batch a training-mode batch norm has no statistics: it is skipped there,
@@ -195,22 +199,22 @@ class NonLocalBlock(CNNBlockBase):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, *S) -> (N, C, *S)``: ``x + norm(W_z y)`` with y of Eq. 1."""
-        if x.dim() != self.dim + 2:
-            raise ValueError(
-                f"NonLocalBlock(dim={self.dim}) takes an input of shape "
-                f"{self._input_layout}. Got {_shape_str(x.shape)} instead!"
-            )
-        keys, _ = self._keys(x)
-        values = self._values(x)
+        self._check_input(x)
+        spatial = list(x.shape[2:])
+        # (N, C, *S) -> (N, C, HW) -> (N, HW, C): one row per position, so that every 1x1 conv
+        # is a single dense matrix product (faster on CPU than the equivalent 1x1 convolution)
+        rows = x.flatten(2).transpose(1, 2).contiguous()
+        keys, values, _ = self._keys_values(rows, spatial)
         if self.pairwise == "dot_product":
-            y = self._dot_product(x, keys, values)
+            y = self._dot_product(rows, keys, values)
         elif self.pairwise == "concatenation":
-            y = self._concatenation(x, keys, values)
+            y = self._concatenation(rows, keys, values)
         else:
-            y = self._softmax(x, keys, values)
-        # (N, HW, C') -> (N, C', HW) -> (N, C', H, W)
-        y = y.to(x.dtype).transpose(1, 2).reshape([x.shape[0], y.shape[2]] + list(x.shape[2:]))
-        z = self.out_conv(y)
+            y = self._softmax(rows, keys, values)
+        # W_z: (N, HW, C') -> (N, HW, C)
+        z = F.linear(y.to(x.dtype), _matrix(self.out_conv.weight), self.out_conv.bias)
+        # (N, HW, C) -> (N, C, HW) -> (N, C, *S), a channels-last view the norms accept
+        z = z.transpose(1, 2).reshape([x.shape[0], x.shape[1]] + spatial)
         if self.out_norm is not None:
             if (
                 x.shape[0] == 0
@@ -224,6 +228,13 @@ class NonLocalBlock(CNNBlockBase):
                 z = self.out_norm(z)
         return x + z
 
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != self.dim + 2:
+            raise ValueError(
+                f"NonLocalBlock(dim={self.dim}) takes an input of shape "
+                f"{self._input_layout}. Got {_shape_str(x.shape)} instead!"
+            )
+
     @torch.jit.unused
     def _synchronising(self) -> bool:
         """Whether a SyncBN ``out_norm`` synchronises statistics across processes now."""
@@ -231,34 +242,64 @@ class NonLocalBlock(CNNBlockBase):
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     # ----------------------------------------------------------------------------------------
-    # Embeddings. Shapes: N positions of x, M positions after sub-sampling, C' inner channels.
+    # Embeddings, on rows = x as (N, HW, C): batch N, HW query positions (all of *S), M key
+    # positions after sub-sampling, C' inner channels.
 
-    def _queries(self, x: Tensor) -> Tensor:
-        """theta(x_i), or x_i for the Gaussian form: ``(N, C, *S) -> (N, HW, C')``."""
-        q = x if self.theta is None else self.theta(x)
-        # (N, C', H, W) -> (N, C', HW) -> (N, HW, C'); fused attention needs a unit last stride
-        return q.flatten(2).transpose(1, 2).contiguous()
+    def _queries(self, rows: Tensor) -> Tensor:
+        """theta(x_i), or x_i for the Gaussian form: ``(N, HW, C) -> (N, HW, C')``."""
+        if self.theta is None:
+            return rows
+        return F.linear(rows, _matrix(self.theta.weight), self.theta.bias)
 
-    def _keys(self, x: Tensor) -> tuple[Tensor, list[int]]:
-        """Sub-sampled phi(x_j), or x_j for the Gaussian form: ``(N, C, *S) -> (N, M, C')``.
+    def _keys_values(self, rows: Tensor, spatial: list[int]) -> tuple[Tensor, Tensor, list[int]]:
+        """Sub-sampled phi(x_j) (x_j for the Gaussian form) and g(x_j).
 
-        Also returns the sub-sampled spatial shape ``S'`` (``M = prod(S')``).
+        ``(N, HW, C) -> (N, M, C'), (N, M, C')`` and the sub-sampled grid ``S'``,
+        ``M = prod(S')``.
         """
-        k = x if self.phi is None else self.phi(x)
-        if self.pool is not None:
-            k = self.pool(k)
-        # (N, C', H', W') -> (N, C', M) -> (N, M, C')
-        return k.flatten(2).transpose(1, 2).contiguous(), list(k.shape[2:])
+        if self.phi is None:
+            keys = rows
+            values = F.linear(rows, _matrix(self.g.weight), self.g.bias)
+            if self.sub_sample:
+                keys, _ = self._pool(keys, spatial)
+                values, spatial = self._pool(values, spatial)
+            return keys, values, spatial
+        # phi and g in one product: (N, HW, C) -> (N, HW, 2C')
+        weight = torch.cat([_matrix(self.phi.weight), _matrix(self.g.weight)])
+        phi_bias, g_bias = self.phi.bias, self.g.bias
+        assert phi_bias is not None and g_bias is not None
+        bias = torch.cat([phi_bias, g_bias])
+        both = F.linear(rows, weight, bias)
+        if self.sub_sample:
+            both, spatial = self._pool(both, spatial)
+        # (N, M, 2C') -> (N, M, C') x 2
+        return both[:, :, : self.inner_channels], both[:, :, self.inner_channels :], spatial
 
-    def _values(self, x: Tensor) -> Tensor:
-        """Sub-sampled g(x_j): ``(N, C, *S) -> (N, M, C')``."""
-        v = self.g(x)
-        if self.pool is not None:
-            v = self.pool(v)
-        # (N, C', H', W') -> (N, C', M) -> (N, M, C')
-        return v.flatten(2).transpose(1, 2).contiguous()
+    def _pool(self, rows: Tensor, spatial: list[int]) -> tuple[Tensor, list[int]]:
+        """Max-pool by 2 (1D), 2x2 (2D), 1x2x2 (3D), ceil mode: ``(N, HW, C) -> (N, M, C)``.
 
-    def _concat_terms(self, x: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        Runs as a 2D pooling on a channels-last view: the 1D grid as ``1 x L``, the 3D grid with
+        its time axis (window 1) folded into the batch.
+        """
+        n, c = rows.shape[0], rows.shape[2]
+        if self.dim == 1:
+            grid = [n, 1, spatial[0], c]
+            window = [1, 2]
+        elif self.dim == 2:
+            grid = [n, spatial[0], spatial[1], c]
+            window = [2, 2]
+        else:
+            grid = [n * spatial[0], spatial[1], spatial[2], c]
+            window = [2, 2]
+        # (N, HW, C) -> (N', H, W, C) -> (N', C, H, W), channels-last strides
+        pooled = F.max_pool2d(rows.reshape(grid).permute(0, 3, 1, 2), window, window, 0, 1, True)
+        h, w = pooled.shape[2], pooled.shape[3]
+        pooled_spatial = [w] if self.dim == 1 else [h, w] if self.dim == 2 else [spatial[0], h, w]
+        m = h * w * (spatial[0] if self.dim == 3 else 1)
+        # (N', C, H', W') -> (N', H', W', C) -> (N, M, C)
+        return pooled.permute(0, 2, 3, 1).reshape(n, m, c), pooled_spatial
+
+    def _concat_terms(self, rows: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
         """Split ``w_f^T [theta_i, phi_j] = a_i + b_j``; returns a ``(N, HW)`` and b ``(N, M)``.
 
         ``a = w_1^T theta(x)`` is computed from x directly with the folded weight
@@ -270,25 +311,25 @@ class NonLocalBlock(CNNBlockBase):
         w = _upcast(self.concat_project.weight.flatten())
         w_theta, w_phi = w[: self.inner_channels], w[self.inner_channels :]
         # (C') @ (C', C) -> (C)
-        w_a = w_theta @ _upcast(self.theta.weight.flatten(1))
-        # (C) @ (N, C, HW) -> (N, HW)
-        a = w_a @ _upcast(x.flatten(2)) + w_theta @ _upcast(theta_bias)
+        w_a = w_theta @ _upcast(_matrix(self.theta.weight))
+        # (N, HW, C) @ (C) -> (N, HW)
+        a = _upcast(rows) @ w_a + w_theta @ _upcast(theta_bias)
         # (N, M, C') @ (C') -> (N, M)
         b = _upcast(keys) @ w_phi
         return a, b
 
     # ----------------------------------------------------------------------------------------
-    # Pairwise functions (Sec. 3.2). Each maps x (N, C, *S), keys (N, M, Ck) and values
+    # Pairwise functions (Sec. 3.2). Each maps rows (N, HW, C), keys (N, M, Ck) and values
     # (N, M, C') to y (N, HW, C'), with the normalisation C(x) applied.
 
-    def _softmax(self, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def _softmax(self, rows: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """Embedded Gaussian and Gaussian: ``y = softmax_j(scale * q_i^T k_j) g_j``.
 
         Fused attention never stores the ``HW x M`` map and accumulates the logits in float32 for
         half inputs (no fp16 overflow). Its fused kernels need equal query and value widths, so
         the narrower side is zero-padded (which changes neither logits nor values).
         """
-        q = self._queries(x)
+        q = self._queries(rows)
         width = max(q.shape[2], values.shape[2])
         v = F.pad(values, [0, width - values.shape[2]])
         q = F.pad(q, [0, width - q.shape[2]])
@@ -298,20 +339,20 @@ class NonLocalBlock(CNNBlockBase):
         # (N, 1, HW, C') -> (N, HW, C')
         return y[:, 0, :, : values.shape[2]]
 
-    def _dot_product(self, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def _dot_product(self, rows: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """Dot product: ``y = theta (phi^T g) / M``, the reassociated ``(theta phi^T / M) g``.
 
         Each factor gets ``M ** -0.5`` so that ``phi^T g`` is an average and cannot overflow
         fp16 even where autocast keeps the matmul in half precision.
         """
-        q, k, v = _upcast(self._queries(x)), _upcast(keys), _upcast(values)
+        q, k, v = _upcast(self._queries(rows)), _upcast(keys), _upcast(values)
         norm = keys.shape[1] ** -0.5
         # (N, M, C')^T @ (N, M, C') -> (N, C', C')
         kv = (k * norm).transpose(1, 2) @ (v * norm)
         # (N, HW, C') @ (N, C', C') -> (N, HW, C')
         return q @ kv
 
-    def _concatenation(self, x: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def _concatenation(self, rows: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """Concatenation: ``y_i = 1/M sum_j ReLU(a_i + b_j) g_j`` without the ``HW x M`` map.
 
         With the keys sorted by b, the j that pass the ReLU for query i are a suffix, those with
@@ -319,7 +360,7 @@ class NonLocalBlock(CNNBlockBase):
         ``S_bg(k)`` are the sums of ``g_j`` and ``b_j g_j`` over sorted keys ``k..M-1`` and
         ``k_i`` is found by binary search. Differentiable in a, b and g; float32 for half inputs.
         """
-        a, b = self._concat_terms(x, keys)
+        a, b = self._concat_terms(rows, keys)
         v = _upcast(values)
         m, width = v.shape[1], v.shape[2]
         b_sorted, order = b.sort(dim=1)
@@ -352,19 +393,17 @@ class NonLocalBlock(CNNBlockBase):
             ``sub_sample``).
             Only these Q rows are computed, never the full map.
         """
-        if x.dim() != self.dim + 2:
-            raise ValueError(
-                f"NonLocalBlock(dim={self.dim}) takes an input of shape "
-                f"{self._input_layout}. Got {_shape_str(x.shape)} instead!"
-            )
+        self._check_input(x)
         query_index = query_index.to(device=x.device, dtype=torch.long)
-        keys, key_shape = self._keys(x)
+        # (N, C, *S) -> (N, C, HW) -> (N, HW, C)
+        rows = x.flatten(2).transpose(1, 2).contiguous()
+        keys, _, key_shape = self._keys_values(rows, list(x.shape[2:]))
         m = keys.shape[1]
         if self.pairwise == "concatenation":
-            a, b = self._concat_terms(x, keys)
+            a, b = self._concat_terms(rows[:, query_index], keys)
             # (N, Q, 1) + (N, 1, M) -> (N, Q, M)
-            return F.relu(a[:, query_index, None] + b[:, None, :]) / m, key_shape
-        q = _upcast(self._queries(x)[:, query_index])
+            return F.relu(a[:, :, None] + b[:, None, :]) / m, key_shape
+        q = _upcast(self._queries(rows[:, query_index]))
         # (N, Q, C') @ (N, C', M) -> (N, Q, M)
         logits = q @ _upcast(keys).transpose(1, 2)
         if self.pairwise == "dot_product":

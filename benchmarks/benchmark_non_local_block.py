@@ -1,0 +1,417 @@
+"""Time and peak memory of NonLocalBlock against a naive block that materialises the N x M map.
+
+The naive block computes the paper's formula (Sec. 3.2) the way the common implementations do:
+1x1 convolutions, the full pairwise map f (N, HW, M), then ``f @ g``. It shares the weights of
+the NonLocalBlock it is compared with and gets the same inputs.
+
+    python benchmarks/benchmark_non_local_block.py                  # res4 and res3, 5 repeats
+    python benchmarks/benchmark_non_local_block.py --quick          # small smoke run
+    python benchmarks/benchmark_non_local_block.py --device cuda
+
+Time: median over ``--repeats`` runs after one warm-up, the two blocks alternating. Peak memory:
+on CPU each measurement runs in a fresh child process and reports the growth of its peak
+resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident size
+just before the run, i.e. everything the forward and backward pass allocate beyond the block's
+weights, the input and the output gradient; on CUDA, ``torch.cuda.max_memory_allocated`` over
+the allocated memory before the run.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nl_detectron.non_local_block import NonLocalBlock  # noqa: E402
+
+PAIRWISE = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+
+
+@dataclass(frozen=True)
+class Size:
+    """A 2D feature map of an 800x1344 COCO image (batch 2) at one ResNet stage."""
+
+    batch: int
+    channels: int
+    height: int
+    width: int
+
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.channels, self.height, self.width)
+
+    def positions(self) -> tuple[int, int]:
+        """Query positions HW and key positions M after the 2x2 pooling (ceil mode)."""
+        keys = -(-self.height // 2) * -(-self.width // 2)
+        return self.height * self.width, keys
+
+
+SIZES = {
+    "res4": Size(2, 1024, 50, 84),  # stride 16
+    "res3": Size(2, 512, 100, 168),  # stride 8
+    "quick": Size(2, 64, 12, 20),
+}
+
+
+class NaiveNonLocal(nn.Module):
+    """The paper's formula with the full pairwise map, sharing the weights of ``block``.
+
+    ``concat="pairs"`` builds the released code's ``(N, 2C', HW, M)`` tensor of concatenated
+    pairs for ``w_f``; ``concat="split"`` materialises only ``ReLU(a_i + b_j)`` ``(N, HW, M)``.
+    """
+
+    def __init__(self, block: NonLocalBlock, concat: str = "pairs") -> None:
+        super().__init__()
+        self.block = block
+        self.concat = concat
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.block
+        batch, channels, height, width = x.shape
+        theta = x if b.theta is None else b.theta(x)
+        phi = x if b.phi is None else b.phi(x)
+        g = b.g(x)
+        if b.sub_sample:
+            phi = F.max_pool2d(phi, 2, 2, ceil_mode=True)
+            g = F.max_pool2d(g, 2, 2, ceil_mode=True)
+        # (N, C', H, W) -> (N, C', HW); (N, C', H', W') -> (N, C', M)
+        theta, phi = theta.flatten(2), phi.flatten(2)
+        # (N, C', H', W') -> (N, C', M) -> (N, M, C')
+        g = g.flatten(2).transpose(1, 2)
+        m = phi.shape[2]
+        f = self.pairwise_map(theta, phi, m)
+        # (N, HW, M) @ (N, M, C') -> (N, HW, C') -> (N, C', HW) -> (N, C', H, W)
+        y = (f @ g).transpose(1, 2).reshape(batch, -1, height, width)
+        z = b.out_conv(y)
+        if b.out_norm is not None:
+            z = b.out_norm(z)
+        return x + z
+
+    def pairwise_map(self, theta: Tensor, phi: Tensor, m: int) -> Tensor:
+        """f(x_i, x_j) / C(x): ``(N, C', HW), (N, C', M) -> (N, HW, M)``."""
+        b = self.block
+        if b.pairwise in ("embedded_gaussian", "gaussian"):
+            # (N, C', HW) -> (N, HW, C'); (N, HW, C') @ (N, C', M) -> (N, HW, M)
+            return torch.softmax(theta.transpose(1, 2) @ phi * b.scale, dim=2)
+        if b.pairwise == "dot_product":
+            return theta.transpose(1, 2) @ phi / m
+        w_f = b.concat_project.weight.flatten()
+        n = theta.shape[2]
+        if self.concat == "split":
+            a = torch.einsum("c,bcn->bn", w_f[: b.inner_channels], theta)
+            c = torch.einsum("c,bcm->bm", w_f[b.inner_channels :], phi)
+            # (N, HW, 1) + (N, 1, M) -> (N, HW, M)
+            return F.relu(a[:, :, None] + c[:, None, :]) / m
+        # (N, C', HW, M) x 2 -> (N, 2C', HW, M): all concatenated pairs [theta_i, phi_j]
+        pairs = torch.cat(
+            [theta[:, :, :, None].expand(-1, -1, n, m), phi[:, :, None, :].expand(-1, -1, n, m)],
+            dim=1,
+        )
+        # (N, 2C', HW, M) -> (N, 1, HW, M) -> (N, HW, M)
+        return F.relu(b.concat_project(pairs))[:, 0] / m
+
+
+def needed_bytes(impl: str, pairwise: str, size: Size, itemsize: int = 4) -> int:
+    """Rough peak of a naive block's pairwise maps in a forward and backward pass (0 for ours)."""
+    if impl == "ours":
+        return 0
+    n, m = size.positions()
+    maps = size.batch * n * m * itemsize
+    if pairwise == "concatenation" and impl == "naive":
+        # the concatenated pairs (2C' = C channels) and their gradient
+        return 2 * maps * size.channels
+    return 4 * maps  # the map, its normalised form and their gradients
+
+
+def make_block(pairwise: str, size: Size, device: str) -> NonLocalBlock:
+    torch.manual_seed(0)
+    block = NonLocalBlock(size.channels, pairwise=pairwise).to(device)
+    with torch.no_grad():  # a trained-looking block: gamma 1 instead of the zero init
+        block.out_norm.weight.fill_(1.0)
+    return block
+
+
+def make_module(impl: str, block: NonLocalBlock) -> nn.Module:
+    if impl == "ours":
+        return block
+    return NaiveNonLocal(block, concat="split" if impl == "naive-split" else "pairs")
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_backward(module: nn.Module, x: Tensor, grad: Tensor) -> None:
+    x.grad = None
+    module.zero_grad(set_to_none=True)
+    module(x).backward(grad)
+
+
+def timed(fn: Callable[[], object], device: str) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
+    """Median seconds of each function; one warm-up each, then runs alternating in order."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            times[name].append(timed(fns[name], device))
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))
+
+
+def measure_memory_child(impl: str, pairwise: str, size_name: str) -> None:
+    """Child process: print the peak memory of one forward and backward pass as JSON."""
+    size = SIZES[size_name]
+    module = make_module(impl, make_block(pairwise, size, "cpu"))
+    # Warm-up at a small size so that lazily loaded libraries are not counted.
+    small = torch.randn(2, size.channels, 6, 10, requires_grad=True)
+    forward_backward(module, small, torch.randn_like(small))
+    module.zero_grad(set_to_none=True)
+    x = torch.randn(size.shape(), requires_grad=True)
+    grad = torch.randn(size.shape())
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current resident set size
+    before = _proc_status_kib("VmRSS")
+    forward_backward(module, x, grad)
+    peak = _proc_status_kib("VmHWM")
+    print(json.dumps({"peak_bytes": (peak - before) * 1024}))
+
+
+def peak_memory(impl: str, pairwise: str, size_name: str, device: str) -> int:
+    """Bytes allocated at the peak of a forward and backward pass, beyond weights and inputs."""
+    if device == "cuda":
+        size = SIZES[size_name]
+        module = make_module(impl, make_block(pairwise, size, device))
+        x = torch.randn(size.shape(), device=device, requires_grad=True)
+        grad = torch.randn_like(x)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        forward_backward(module, x, grad)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    cmd = [sys.executable, __file__, "--memory-child", impl, pairwise, size_name]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention core throughput
+
+
+def matmul_gflops(device: str, repeats: int, n: int = 2048) -> float:
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    with torch.no_grad():
+        seconds = alternate({"mm": lambda: a @ b}, repeats, device)["mm"]
+    return 2 * n**3 / seconds / 1e9
+
+
+def core_gflops(pairwise: str, size: Size, device: str, repeats: int) -> dict[str, Optional[float]]:
+    """GFLOP/s of the pairwise computation alone (y from theta, phi, g), forward, no grad."""
+    block = make_block(pairwise, size, device).eval()
+    naive = NaiveNonLocal(block, concat="split")
+    x = torch.randn(size.shape(), device=device)
+    with torch.no_grad():
+        # (N, C, H, W) -> (N, C, HW) -> (N, HW, C)
+        rows = x.flatten(2).transpose(1, 2).contiguous()
+        keys, values, _ = block._keys_values(rows, [size.height, size.width])
+        queries = block._queries(rows)
+        # (N, HW or M, C') -> (N, C', HW or M), contiguous as in the naive block
+        theta, phi = queries.transpose(1, 2).contiguous(), keys.transpose(1, 2).contiguous()
+        core = {
+            "embedded_gaussian": block._softmax,
+            "gaussian": block._softmax,
+            "dot_product": block._dot_product,
+            "concatenation": block._concatenation,
+        }[pairwise]
+        m = keys.shape[1]
+        seconds = alternate(
+            {
+                "ours": lambda: core(rows, keys, values),
+                "naive": lambda: naive.pairwise_map(theta, phi, m) @ values,
+            },
+            repeats,
+            device,
+        )
+    batch, n, cq, cv = size.batch, rows.shape[1], keys.shape[2], values.shape[2]
+    naive_flops = 2 * batch * n * m * (cq + cv)
+    if pairwise in ("embedded_gaussian", "gaussian"):
+        ours_flops: Optional[int] = naive_flops
+    elif pairwise == "dot_product":
+        ours_flops = 2 * batch * (m + n) * cq * cv
+    else:
+        ours_flops = None  # sort, cumsum and gathers: not matrix arithmetic
+    if pairwise == "concatenation":
+        naive_flops = 2 * batch * n * m * cv  # the split map: f @ g only
+    return {
+        "ours_s": seconds["ours"],
+        "naive_s": seconds["naive"],
+        "ours_gflops": None if ours_flops is None else ours_flops / seconds["ours"] / 1e9,
+        "naive_gflops": naive_flops / seconds["naive"] / 1e9,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt_mb(n: Optional[int]) -> str:
+    return "—" if n is None else f"{n / 2**20:,.0f}"
+
+
+def fmt_ratio(a: Optional[float], b: Optional[float]) -> str:
+    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M).group(1)
+    except (OSError, AttributeError):
+        return platform.processor() or "unknown CPU"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="res4,res3", help="comma-separated: res4, res3, quick")
+    parser.add_argument("--pairwise", default=",".join(PAIRWISE), help="comma-separated")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
+    parser.add_argument("--max-naive-gb", type=float, default=8.0, help="skip larger naive runs")
+    parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        measure_memory_child(*args.memory_child)
+        return
+    sizes = ["quick"] if args.quick else args.sizes.split(",")
+    repeats = 2 if args.quick else args.repeats
+    pairwise_list = args.pairwise.split(",")
+    device = args.device
+    print(
+        f"# NonLocalBlock benchmark, {datetime.date.today()}: torch {torch.__version__}, "
+        f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else cpu_name()}), "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, median of {repeats}"
+    )
+
+    rows = []
+    for size_name in sizes:
+        size = SIZES[size_name]
+        for pairwise in pairwise_list:
+            impls = ["ours", "naive"] + (["naive-split"] if pairwise == "concatenation" else [])
+            block = make_block(pairwise, size, device)
+            x = torch.randn(size.shape(), device=device, requires_grad=True)
+            grad = torch.randn(size.shape(), device=device)
+            runnable, skipped = [], {}
+            for impl in impls:
+                need = needed_bytes(impl, pairwise, size)
+                if need > args.max_naive_gb * 2**30:
+                    skipped[impl] = f"skipped (needs {need / 2**30:.0f} GB)"
+                else:
+                    runnable.append(impl)
+            modules = {impl: make_module(impl, block) for impl in runnable}
+            seconds = alternate(
+                {
+                    impl: (lambda m=module, x=x, grad=grad: forward_backward(m, x, grad))
+                    for impl, module in modules.items()
+                },
+                repeats,
+                device,
+            )
+            memory = {impl: peak_memory(impl, pairwise, size_name, device) for impl in runnable}
+            for impl in impls:
+                row = {"size": size_name, "pairwise": pairwise, "impl": impl}
+                row.update(
+                    seconds=seconds.get(impl), peak_bytes=memory.get(impl), note=skipped.get(impl)
+                )
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+            del block, x, grad, modules
+
+    print("\n## Forward + backward (training)\n")
+    print("| size | pairwise | block | time (s) | vs naive | peak memory (MB) | vs naive |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        naive = next(
+            r
+            for r in rows
+            if (r["size"], r["pairwise"], r["impl"]) == (row["size"], row["pairwise"], "naive")
+        )
+        if row["note"]:
+            print(f"| {row['size']} | {row['pairwise']} | {row['impl']} | {row['note']} |||||")
+            continue
+        print(
+            f"| {row['size']} | {row['pairwise']} | {row['impl']} | {row['seconds']:.3f} | "
+            f"{fmt_ratio(row['seconds'], naive['seconds'])} | {fmt_mb(row['peak_bytes'])} | "
+            f"{fmt_ratio(row['peak_bytes'], naive['peak_bytes'])} |"
+        )
+
+    inference_size = "quick" if args.quick else "res4"
+    size = SIZES[inference_size]
+    print(f"\n## Forward only (inference: eval mode, no_grad), {inference_size}\n")
+    print("| pairwise | block | time (s) | vs naive |")
+    print("|---|---|---|---|")
+    for pairwise in pairwise_list:
+        block = make_block(pairwise, size, device).eval()
+        # the pairs of the literal concatenation form do not fit at res4 (36 GB)
+        impls = ["ours", "naive-split" if pairwise == "concatenation" else "naive"]
+        x = torch.randn(size.shape(), device=device)
+        with torch.no_grad():
+            modules = {impl: make_module(impl, block) for impl in impls}
+            seconds = alternate(
+                {impl: (lambda m=module, x=x: m(x)) for impl, module in modules.items()},
+                repeats,
+                device,
+            )
+        for impl in impls:
+            ratio = fmt_ratio(seconds[impl], seconds[impls[-1]])
+            print(f"| {pairwise} | {impl} | {seconds[impl]:.3f} | {ratio} |")
+
+    print(f"\n## Attention core alone (forward, no_grad), {inference_size}\n")
+    gflops = matmul_gflops(device, repeats)
+    print(f"Plain fp32 matmul (2048^3) on this machine: {gflops:.0f} GFLOP/s")
+    print()
+    print("| pairwise | ours (s) | ours GFLOP/s | naive (s) | naive GFLOP/s |")
+    print("|---|---|---|---|---|")
+    for pairwise in pairwise_list:
+        r = core_gflops(pairwise, size, device, repeats)
+        ours = "—" if r["ours_gflops"] is None else f"{r['ours_gflops']:.0f}"
+        print(
+            f"| {pairwise} | {r['ours_s']:.3f} | {ours} | {r['naive_s']:.3f} | "
+            f"{r['naive_gflops']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
