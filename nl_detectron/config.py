@@ -6,6 +6,8 @@ from typing import Any
 
 from detectron2.config import CfgNode as CN
 
+from .non_local_block import NonLocalBlock
+
 __all__ = ["add_nonlocal_config", "non_local_block_args"]
 
 
@@ -56,7 +58,9 @@ def non_local_block_args(cfg: CN) -> dict[str, Any]:
 
     Raises:
         ValueError: for ``MODEL.NONLOCAL.NORM = "FrozenBN"``, which would freeze the zero gamma
-            of every block and keep the blocks no-ops.
+            of every block and keep the blocks no-ops, for a non-positive
+            ``BOTTLENECK_RATIO``, and for a value the block refuses (unknown pairwise function
+            or norm), naming ``MODEL.NONLOCAL``.
     """
     node = cfg.MODEL.NONLOCAL
     if node.NORM == "FrozenBN":
@@ -66,7 +70,12 @@ def non_local_block_args(cfg: CN) -> dict[str, Any]:
             'Set MODEL.NONLOCAL.NORM to "SyncBN", "BN", "GN" or "" (MODEL.RESNETS.NORM may stay '
             '"FrozenBN").'
         )
-    return {
+    if not node.BOTTLENECK_RATIO > 0:
+        raise ValueError(
+            f"MODEL.NONLOCAL.BOTTLENECK_RATIO must be positive (paper: 0.5); got "
+            f"{node.BOTTLENECK_RATIO!r}."
+        )
+    args = {
         "pairwise": node.PAIRWISE,
         "sub_sample": node.SUB_SAMPLE,
         # None: the block's default, inner_channels ** -0.5 as in the released code.
@@ -74,3 +83,10 @@ def non_local_block_args(cfg: CN) -> dict[str, Any]:
         "norm": node.NORM,
         "init_std": node.INIT_STD,
     }
+    # The block's own checks (valid pairwise functions and norms) on a small probe block, so
+    # that a bad value is reported with the config node it came from.
+    try:
+        NonLocalBlock(64, **args)
+    except ValueError as e:
+        raise ValueError(f"Invalid MODEL.NONLOCAL setting: {e}") from None
+    return args

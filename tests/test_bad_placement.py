@@ -139,10 +139,18 @@ def test_frozen_bn_is_refused_for_the_heads_even_with_a_vanilla_backbone():
         build_model(cfg)
 
 
-def test_unknown_norm_is_refused():
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("NORM", "LN", r"Invalid MODEL\.NONLOCAL setting: Unknown norm 'LN'.*valid norms"),
+        ("PAIRWISE", "cosine", r"Invalid MODEL\.NONLOCAL setting: .*'cosine'.*valid ones"),
+        ("BOTTLENECK_RATIO", 0.0, r"MODEL\.NONLOCAL\.BOTTLENECK_RATIO must be positive"),
+    ],
+)
+def test_bad_block_options_are_refused_naming_the_node(key, value, message):
     cfg = tiny_cfg("FPN")
-    cfg.MODEL.NONLOCAL.NORM = "LN"
-    with pytest.raises(ValueError, match=r"'LN'.*valid norms"):
+    cfg.MODEL.NONLOCAL[key] = value
+    with pytest.raises(ValueError, match=message):
         build_backbone(cfg)
 
 
