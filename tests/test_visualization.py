@@ -278,6 +278,24 @@ def test_attention_maps_of_backbone_and_head_blocks(pairwise: str, image: np.nda
     assert png_size(path) == (2 * 200, 2 * 200)
 
 
+def test_predictor_reports_blocks_the_checkpoint_lacks(tmp_path, caplog, image: np.ndarray):
+    torch.manual_seed(0)
+    vanilla, nl = Predictor(tiny_cfg()), Predictor(tiny_cfg(pairwise="dot_product"))
+    torch.save({"model": vanilla.model.state_dict()}, tmp_path / "vanilla.pth")
+    torch.save({"model": nl.model.state_dict()}, tmp_path / "nl.pth")
+    cfg = tiny_cfg(pairwise="dot_product")
+    cfg.MODEL.WEIGHTS = str(tmp_path / "nl.pth")
+    assert Predictor(cfg).blocks_without_weights == []
+    cfg.MODEL.WEIGHTS = str(tmp_path / "vanilla.pth")
+    predictor = Predictor(cfg)
+    assert predictor.blocks_without_weights == [
+        "backbone.bottom_up.res4.non_local_before_5",
+        "roi_heads.keypoint_head.non_local_after_conv_fcn2",
+    ]
+    compute_attention_maps(predictor, image, [(5, 5)])
+    assert "non_local_before_5 has no weights in" in caplog.text
+
+
 def test_attention_tool(shapes_dataset: str, tmp_path):
     config = tmp_path / "nl.yaml"
     config.write_text(tiny_cfg(pairwise="embedded_gaussian").dump())

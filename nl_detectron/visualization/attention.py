@@ -367,6 +367,13 @@ def compute_attention_maps(
         for x, y in points:
             validate_query(x, y, width, height)
 
+    for name, _ in blocks:
+        if name in predictor.blocks_without_weights:
+            logger.warning(
+                "Non-local block %s has no weights in %s: its map shows its random initialisation.",
+                name,
+                predictor.cfg.MODEL.WEIGHTS,
+            )
     recorder = _Recorder(predictor.model, blocks)
     try:
         prediction = predictor(image_rgb)

@@ -15,6 +15,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
 from ..config import add_nonlocal_config
+from ..non_local_block import NonLocalBlock
 from .errors import VisualizationError
 
 __all__ = ["Prediction", "Predictor", "load_config"]
@@ -88,6 +89,8 @@ class Predictor:
 
     Attributes:
         model: the ``nn.Module`` (eval mode); hooks may be registered on it.
+        blocks_without_weights: names of the non-local blocks that the checkpoint left at their
+            random initialisation (e.g. a checkpoint of a model without those blocks).
     """
 
     def __init__(self, cfg: CfgNode, *, source: str = "the config") -> None:
@@ -100,7 +103,15 @@ class Predictor:
         self.source = source
         self.model = build_model(cfg)
         self.model.eval()
+        blocks = [(n, m) for n, m in self.model.named_modules() if isinstance(m, NonLocalBlock)]
+        initial = {name: [p.detach().clone() for p in m.parameters()] for name, m in blocks}
         _load_weights(self.model, cfg.MODEL.WEIGHTS)
+        self.blocks_without_weights = [
+            name
+            for name, block in blocks
+            if cfg.MODEL.WEIGHTS
+            and all(torch.equal(a, b) for a, b in zip(initial[name], block.parameters()))
+        ]
         self._resize = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
