@@ -8,7 +8,8 @@ the NonLocalBlock it is compared with and gets the same inputs.
     python benchmarks/benchmark_non_local_block.py --quick          # small smoke run
     python benchmarks/benchmark_non_local_block.py --device cuda
 
-Time: median over ``--repeats`` runs after one warm-up, the two blocks alternating. Peak memory:
+Time: median and minimum over ``--repeats`` runs after one warm-up, the blocks alternating (the
+minimum is the less disturbed figure where other processes share the machine). Peak memory:
 on CPU each measurement runs in a fresh child process and reports the growth of its peak
 resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident size
 just before the run, i.e. everything the forward and backward pass allocate beyond the block's
@@ -169,8 +170,10 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - start
 
 
-def alternate(fns: dict[str, Callable[[], object]], repeats: int, device: str) -> dict[str, float]:
-    """Median seconds of each function; one warm-up each, then runs alternating in order."""
+def alternate(
+    fns: dict[str, Callable[[], object]], repeats: int, device: str
+) -> dict[str, list[float]]:
+    """Seconds of each run of each function: one warm-up each, then runs alternating in order."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for fn in fns.values():
         fn()
@@ -178,7 +181,7 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, device: str) -
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
             times[name].append(timed(fns[name], device))
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,7 +237,7 @@ def matmul_gflops(device: str, repeats: int, n: int = 2048) -> float:
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     with torch.no_grad():
-        seconds = alternate({"mm": lambda: a @ b}, repeats, device)["mm"]
+        seconds = statistics.median(alternate({"mm": lambda: a @ b}, repeats, device)["mm"])
     return 2 * n**3 / seconds / 1e9
 
 
@@ -257,7 +260,7 @@ def core_gflops(pairwise: str, size: Size, device: str, repeats: int) -> dict[st
             "concatenation": block._concatenation,
         }[pairwise]
         m = keys.shape[1]
-        seconds = alternate(
+        times = alternate(
             {
                 "ours": lambda: core(rows, keys, values),
                 "naive": lambda: naive.pairwise_map(theta, phi, m) @ values,
@@ -265,6 +268,7 @@ def core_gflops(pairwise: str, size: Size, device: str, repeats: int) -> dict[st
             repeats,
             device,
         )
+    seconds = {name: statistics.median(ts) for name, ts in times.items()}
     batch, n, cq, cv = size.batch, rows.shape[1], keys.shape[2], values.shape[2]
     naive_flops = 2 * batch * n * m * (cq + cv)
     if pairwise in ("embedded_gaussian", "gaussian"):
@@ -302,6 +306,11 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
+def load_average() -> str:
+    """The 1-minute load average: other processes on the machine skew the timings."""
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="res4,res3", help="comma-separated: res4, res3, quick")
@@ -322,7 +331,8 @@ def main() -> None:
     print(
         f"# NonLocalBlock benchmark, {datetime.date.today()}: torch {torch.__version__}, "
         f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else cpu_name()}), "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, median of {repeats}"
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, median of {repeats}, "
+        f"load average {load_average()}"
     )
 
     rows = []
@@ -341,7 +351,7 @@ def main() -> None:
                 else:
                     runnable.append(impl)
             modules = {impl: make_module(impl, block) for impl in runnable}
-            seconds = alternate(
+            times = alternate(
                 {
                     impl: (lambda m=module, x=x, grad=grad: forward_backward(m, x, grad))
                     for impl, module in modules.items()
@@ -353,15 +363,21 @@ def main() -> None:
             for impl in impls:
                 row = {"size": size_name, "pairwise": pairwise, "impl": impl}
                 row.update(
-                    seconds=seconds.get(impl), peak_bytes=memory.get(impl), note=skipped.get(impl)
+                    seconds=statistics.median(times[impl]) if impl in times else None,
+                    fastest=min(times[impl]) if impl in times else None,
+                    peak_bytes=memory.get(impl),
+                    note=skipped.get(impl),
                 )
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             del block, x, grad, modules
 
     print("\n## Forward + backward (training)\n")
-    print("| size | pairwise | block | time (s) | vs naive | peak memory (MB) | vs naive |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| size | pairwise | block | median (s) | vs naive | fastest (s) | vs naive "
+        "| peak memory (MB) | vs naive |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         naive = next(
             r
@@ -369,19 +385,20 @@ def main() -> None:
             if (r["size"], r["pairwise"], r["impl"]) == (row["size"], row["pairwise"], "naive")
         )
         if row["note"]:
-            print(f"| {row['size']} | {row['pairwise']} | {row['impl']} | {row['note']} |||||")
+            print(f"| {row['size']} | {row['pairwise']} | {row['impl']} | {row['note']} |||||||")
             continue
         print(
             f"| {row['size']} | {row['pairwise']} | {row['impl']} | {row['seconds']:.3f} | "
-            f"{fmt_ratio(row['seconds'], naive['seconds'])} | {fmt_mb(row['peak_bytes'])} | "
+            f"{fmt_ratio(row['seconds'], naive['seconds'])} | {row['fastest']:.3f} | "
+            f"{fmt_ratio(row['fastest'], naive['fastest'])} | {fmt_mb(row['peak_bytes'])} | "
             f"{fmt_ratio(row['peak_bytes'], naive['peak_bytes'])} |"
         )
 
     inference_size = "quick" if args.quick else "res4"
     size = SIZES[inference_size]
     print(f"\n## Forward only (inference: eval mode, no_grad), {inference_size}\n")
-    print("| pairwise | block | time (s) | vs naive |")
-    print("|---|---|---|---|")
+    print("| pairwise | block | median (s) | vs naive | fastest (s) | vs naive |")
+    print("|---|---|---|---|---|---|")
     for pairwise in pairwise_list:
         block = make_block(pairwise, size, device).eval()
         # the pairs of the literal concatenation form do not fit at res4 (36 GB)
@@ -389,14 +406,19 @@ def main() -> None:
         x = torch.randn(size.shape(), device=device)
         with torch.no_grad():
             modules = {impl: make_module(impl, block) for impl in impls}
-            seconds = alternate(
+            times = alternate(
                 {impl: (lambda m=module, x=x: m(x)) for impl, module in modules.items()},
                 repeats,
                 device,
             )
         for impl in impls:
-            ratio = fmt_ratio(seconds[impl], seconds[impls[-1]])
-            print(f"| {pairwise} | {impl} | {seconds[impl]:.3f} | {ratio} |")
+            median = {i: statistics.median(times[i]) for i in impls}
+            fastest = {i: min(times[i]) for i in impls}
+            print(
+                f"| {pairwise} | {impl} | {median[impl]:.3f} | "
+                f"{fmt_ratio(median[impl], median[impls[-1]])} | {fastest[impl]:.3f} | "
+                f"{fmt_ratio(fastest[impl], fastest[impls[-1]])} |"
+            )
 
     print(f"\n## Attention core alone (forward, no_grad), {inference_size}\n")
     gflops = matmul_gflops(device, repeats)
@@ -411,6 +433,7 @@ def main() -> None:
             f"| {pairwise} | {r['ours_s']:.3f} | {ours} | {r['naive_s']:.3f} | "
             f"{r['naive_gflops']:.0f} |"
         )
+    print(f"\nLoad average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
     y_i = 1 / C(x) * sum_j f(x_i, x_j) g(x_j)        z_i = W_z y_i + x_i        (Eq. 1 and 6)
 
-The four pairwise functions f of Sec. 3.2 are implemented without materialising the N x M
-affinity map (N query positions, M key positions after sub-sampling):
+Shapes: N is the batch (as in detectron2), HW the number of query positions (all spatial
+positions, whatever ``dim``), M the number of key positions after sub-sampling, C the block's
+channels and C' the inner channels. The four pairwise functions f of Sec. 3.2 are computed without
+materialising the HW x M pairwise map:
 
 - embedded Gaussian / Gaussian: fused attention (``F.scaled_dot_product_attention``);
-- dot product: reassociated as ``theta @ (phi^T g) / M``, linear in N and M;
+- dot product: reassociated as ``theta (phi^T g) / M``, linear in HW and M;
 - concatenation: ``ReLU(a_i + b_j)`` summed over j becomes two suffix sums over the keys sorted by
-  ``b_j``, looked up with a binary search: O((N + M) log M) time, O(N + M) memory.
+  ``b_j``, looked up with a binary search: O((HW + M) C' + M log M + HW log M) time and
+  O((HW + M) C') memory.
 """
 
 from typing import Optional
