@@ -29,7 +29,7 @@ test: $(READY) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: $(READY)
-	$(PY) tools/demo.py --output output/demo
+	$(PY) tools/train_net.py --config-file configs/quickstart/mask_rcnn_nl_shapes.yaml OUTPUT_DIR output/demo
 
 benchmark: $(READY)
 	$(PY) benchmarks/benchmark_non_local_block.py

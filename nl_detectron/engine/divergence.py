@@ -1,0 +1,87 @@
+"""Stopping a diverged training run with a message that names the iteration and the likely cause.
+
+Detectron2's ``SimpleTrainer`` raises ``FloatingPointError("Loss became infinite or NaN at
+iteration=...")`` before the optimizer step of a step whose loss is not finite, so the weights are
+still those of the previous step; :class:`TrainingDivergedError` replaces it with the iteration,
+the losses that were not finite and what to try.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+from detectron2.config import CfgNode
+
+from .errors import UserInputError
+
+__all__ = ["TrainingDivergedError", "diverged_message", "parse_d2_message"]
+
+
+class TrainingDivergedError(UserInputError):
+    """The loss or the weights became NaN or infinite: training cannot go on."""
+
+
+def diverged_message(
+    iteration: int, losses: Mapping[str, float], cfg: CfgNode, last_checkpoint: str = ""
+) -> str:
+    """Why a run stopped at ``iteration`` with non-finite ``losses``, and what to try.
+
+    Args:
+        iteration: the iteration whose loss was not finite (0-based, as in the logs).
+        losses: the loss terms of that iteration (any may be NaN / inf).
+        cfg: the run's config (learning rate, warm-up, AMP).
+        last_checkpoint: the last complete checkpoint, kept as it was; "" if none.
+    """
+    bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
+    terms = ", ".join(bad) if bad else "the total loss"
+    solver = cfg.SOLVER
+    causes = [
+        f"the learning rate is too high for this batch size (SOLVER.BASE_LR {solver.BASE_LR:g}, "
+        f"SOLVER.IMS_PER_BATCH {solver.IMS_PER_BATCH}, SOLVER.WARMUP_ITERS "
+        f"{solver.WARMUP_ITERS}): lower SOLVER.BASE_LR (scale it with the batch size) or "
+        "lengthen the warm-up",
+        "bad annotations (boxes of zero or negative size, coordinates outside the image or "
+        "NaN) in the training data",
+    ]
+    if solver.AMP.ENABLED:
+        causes.append(
+            "a float16 overflow under mixed precision (SOLVER.AMP.ENABLED True): try "
+            "SOLVER.AMP.ENABLED False to confirm"
+        )
+    if solver.CLIP_GRADIENTS.ENABLED is False:
+        causes.append(
+            "exploding gradients: SOLVER.CLIP_GRADIENTS.ENABLED True (with CLIP_TYPE 'norm') "
+            "limits them"
+        )
+    kept = (
+        f" The last complete checkpoint, {last_checkpoint}, is unchanged; continue from it with "
+        "--resume after fixing the cause."
+        if last_checkpoint
+        else " No checkpoint had been written yet."
+    )
+    listed = "".join(f"\n  - {c}" for c in causes)
+    return (
+        f"Training diverged at iteration {iteration}: {terms} (loss terms: "
+        f"{_format_losses(losses)}). Likely causes:{listed}\n{kept.strip()}"
+    )
+
+
+def _format_losses(losses: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in losses.items())
+
+
+# Detectron2's message: "Loss became infinite or NaN at iteration=12!\nloss_dict = {...}", the
+# values printed as 0.5, nan, inf or np.float64(nan).
+_ITERATION = re.compile(r"iteration=(\d+)")
+_LOSS = re.compile(r"'(\w+)': (?:np\.float\d+\()?(-?(?:nan|inf|[0-9.]+(?:e[-+]?\d+)?))")
+
+
+def parse_d2_message(message: str) -> tuple[int | None, dict[str, float]]:
+    """The iteration and the loss terms in Detectron2's ``FloatingPointError`` message (None and
+    ``{}`` where it does not have them)."""
+    match = _ITERATION.search(message)
+    iteration = int(match.group(1)) if match else None
+    losses = {name: float(value) for name, value in _LOSS.findall(message)}
+    return iteration, losses
