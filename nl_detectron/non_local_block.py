@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .sync_batch_norm import SyncBatchNorm
+
 try:
     from detectron2.layers import CNNBlockBase
 except ImportError:  # detectron2 is optional for the block itself
@@ -82,9 +84,9 @@ def _make_norm(norm: Optional[str], channels: int, dim: int) -> Optional[nn.Modu
     if norm == "BN":
         return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1](channels)
     if norm == "SyncBN":
-        # Falls back to plain batch norm when torch.distributed is not initialised or has a
-        # single process, so it also runs on CPU outside distributed training.
-        return nn.SyncBatchNorm(channels)
+        # Plain batch norm when torch.distributed is not initialised or has a single process;
+        # synchronised across processes on GPUs and, unlike nn.SyncBatchNorm, on CPUs (gloo).
+        return SyncBatchNorm(channels)
     if norm == "GN":
         if channels % 32 != 0:
             raise ValueError(
