@@ -21,6 +21,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 import torch
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
@@ -426,15 +427,30 @@ def compute_attention_maps(
 
 
 def _map_title(amap: AttentionMap) -> str:
-    """Three lines: the block, the query and pairwise function, the map's value range."""
+    """Three lines: the block (its last two name parts), the query and pairwise function, the
+    map's value range."""
     q = amap.query
-    head = f"{amap.block_name}\nquery ({q.x:.0f}, {q.y:.0f}), {amap.pairwise}"
+    name = ".".join(amap.block_name.split(".")[-2:])
+    head = f"{name}\nquery ({q.x:.0f}, {q.y:.0f}), {amap.pairwise}"
     if amap.weights is None:
         return head
     w = amap.weights
     if amap.pairwise in _SOFTMAX_FORMS:
         return f"{head}\npeak {w.max():.3g} (uniform {1 / w.size:.3g})"
     return f"{head}\nf/M in [{w.min():.3g}, {w.max():.3g}]"
+
+
+def _heat_map(weights: np.ndarray, alpha: float) -> np.ndarray:
+    """``(H', W')`` map -> ``(H', W', 4)`` RGBA overlay, coloured and opaque by value.
+
+    Values are scaled from 0 (or the lowest value, if negative) to the highest, so a uniform
+    softmax row covers the image evenly while a peaked one leaves the rest of it visible.
+    """
+    low, high = min(float(weights.min()), 0.0), float(weights.max())
+    scaled = (weights - low) / (high - low) if high > low else np.ones_like(weights)
+    rgba = colormaps["jet"](scaled)
+    rgba[..., 3] = alpha * scaled
+    return rgba
 
 
 def _draw_panel(ax: Axes, image: np.ndarray, amap: AttentionMap, alpha: float) -> None:
@@ -444,18 +460,7 @@ def _draw_panel(ax: Axes, image: np.ndarray, amap: AttentionMap, alpha: float) -
         ax.imshow(np.zeros((1, 1)), extent=(0, width, height, 0), cmap="gray", alpha=0.6)
         ax.text(width / 2, height / 2, amap.note, color="white", ha="center", va="center")
     else:
-        w = amap.weights
-        low, high = min(float(w.min()), 0.0), float(w.max())
-        high = high if high > low else low + 1e-12
-        ax.imshow(
-            w,
-            extent=amap.extent,
-            cmap="jet",
-            alpha=alpha,
-            vmin=low,
-            vmax=high,
-            interpolation="nearest",
-        )
+        ax.imshow(_heat_map(amap.weights, alpha), extent=amap.extent, interpolation="nearest")
     if amap.roi_box is not None:
         x0, y0, x1, y1 = amap.roi_box
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", lw=1.5))
@@ -471,13 +476,16 @@ def draw_attention_maps(
     path: Union[str, Path],
     *,
     panel_size: int = 320,
-    alpha: float = 0.5,
+    alpha: float = 0.7,
+    colors: Optional[int] = None,
 ) -> Path:
     """Draw one panel per block (rows) and query (columns) and save it as a PNG.
 
-    Each panel shows the image with the map as a heat map (colour range from 0, or the lowest
-    value if negative, to the highest), the query point as a white dot and, for RoI-head blocks,
-    the RoI's box. The PNG is ``(queries * panel_size) x (blocks * panel_size)`` pixels.
+    Each panel shows the image with the map as a heat map (colour and opacity rise from 0, or
+    the lowest value if negative, to the highest, where the opacity is ``alpha``), the query
+    point as a white dot and, for RoI-head blocks, the RoI's box. The PNG is
+    ``(queries * panel_size) x (blocks * panel_size)`` pixels; ``colors`` reduces it to a palette
+    (see :func:`save_png`).
     """
     if not result.maps:
         raise VisualizationError(
@@ -502,4 +510,4 @@ def draw_attention_maps(
                 )
             )
             _draw_panel(ax, result.image, amap, alpha)
-    return save_png(fig, path)
+    return save_png(fig, path, colors=colors)

@@ -6,7 +6,7 @@ the ground truth, ``draw_instance_predictions`` for the detections above a score
 """
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -20,7 +20,11 @@ from .errors import VisualizationError
 from .image_source import dataset_records, read_rgb_image
 from .predictor import Predictor
 
-__all__ = ["draw_ground_truth_and_prediction", "visualize_predictions"]
+__all__ = [
+    "draw_ground_truth_and_prediction",
+    "draw_predictions_sheet",
+    "visualize_predictions",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +74,39 @@ def draw_ground_truth_and_prediction(
     return np.asarray(canvas)
 
 
+def _pictures(
+    predictor: Predictor,
+    dataset_name: str,
+    indices: Optional[Sequence[int]],
+    num_images: int,
+    score_threshold: float,
+    scale: float,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """``(index, ground truth beside prediction)`` for the chosen images of a dataset."""
+    records = dataset_records(dataset_name)
+    metadata = MetadataCatalog.get(dataset_name)
+    if indices is None:
+        if num_images < 1:
+            raise VisualizationError(f"Number of images must be >= 1; got {num_images}.")
+        indices = range(min(num_images, len(records)))
+    bad = [i for i in indices if not 0 <= i < len(records)]
+    if bad:
+        raise VisualizationError(
+            f"Image indices {bad} are out of range for dataset {dataset_name!r}, which has "
+            f"{len(records)} images; use indices in [0, {len(records) - 1}]."
+        )
+    for index in indices:
+        record = records[index]
+        image = read_rgb_image(record["file_name"])
+        instances = predictor(image).instances
+        yield (
+            index,
+            draw_ground_truth_and_prediction(
+                image, record, instances, metadata, score_threshold=score_threshold, scale=scale
+            ),
+        )
+
+
 def visualize_predictions(
     predictor: Predictor,
     dataset_name: str,
@@ -94,30 +131,45 @@ def visualize_predictions(
     Returns:
         The written paths, in order.
     """
-    records = dataset_records(dataset_name)
-    metadata = MetadataCatalog.get(dataset_name)
-    if indices is None:
-        if num_images < 1:
-            raise VisualizationError(f"Number of images must be >= 1; got {num_images}.")
-        indices = range(min(num_images, len(records)))
-    bad = [i for i in indices if not 0 <= i < len(records)]
-    if bad:
-        raise VisualizationError(
-            f"Image indices {bad} are out of range for dataset {dataset_name!r}, which has "
-            f"{len(records)} images; use indices in [0, {len(records) - 1}]."
-        )
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    pictures = _pictures(predictor, dataset_name, indices, num_images, score_threshold, scale)
     paths = []
-    for index in indices:
-        record = records[index]
-        image = read_rgb_image(record["file_name"])
-        instances = predictor(image).instances
-        picture = draw_ground_truth_and_prediction(
-            image, record, instances, metadata, score_threshold=score_threshold, scale=scale
-        )
+    for index, picture in pictures:
+        output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / f"{dataset_name}_{index:04d}.png"
         Image.fromarray(picture).save(path)
         logger.info("Wrote %s", path)
         paths.append(path)
     return paths
+
+
+def draw_predictions_sheet(
+    predictor: Predictor,
+    dataset_name: str,
+    *,
+    num_images: int = 3,
+    indices: Optional[Sequence[int]] = None,
+    score_threshold: float = 0.5,
+    scale: float = 1.0,
+) -> np.ndarray:
+    """Ground truth beside prediction for several images of a dataset, one row per image.
+
+    Arguments as for :func:`visualize_predictions`. Rows narrower than the widest are padded with
+    white on the right; rows are 8 pixels apart.
+
+    Returns:
+        ``(H, W, 3)`` uint8 RGB image.
+    """
+    rows = [
+        p
+        for _, p in _pictures(predictor, dataset_name, indices, num_images, score_threshold, scale)
+    ]
+    width = max(row.shape[1] for row in rows)
+    sheet = np.full(
+        (sum(row.shape[0] + _GAP_PX for row in rows) - _GAP_PX, width, 3), 255, np.uint8
+    )
+    top = 0
+    for row in rows:
+        sheet[top : top + row.shape[0], : row.shape[1]] = row
+        top += row.shape[0] + _GAP_PX
+    return sheet
