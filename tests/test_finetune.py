@@ -10,12 +10,18 @@ and resuming from another model's checkpoint is refused.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import CfgNode
+from detectron2.data import DatasetCatalog
 from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
 from detectron2.utils.events import EventStorage
@@ -23,6 +29,8 @@ from tiny_detectors import tiny_cfg
 
 from nl_detectron import NonLocalBlock
 from nl_detectron.checkpointer import CheckpointError, NonLocalCheckpointer
+from nl_detectron.data import SHAPES_SPLITS, register_shapes_datasets
+from nl_detectron.engine import Trainer, load_config
 
 # (backbone layout, heads, NL norm, ResNet norm); the C4 ROI head supports no keypoint head.
 CASES = {
@@ -471,3 +479,136 @@ def test_resume_from_this_models_checkpoint_restores_the_optimizer(tmp_path):
     assert restored.keys() == saved["state"].keys() and len(restored) > 0
     for index, state in saved["state"].items():
         assert torch.equal(restored[index]["momentum_buffer"], state["momentum_buffer"])
+
+
+# ------------------------------------------------------------------------------------------------
+# End to end: the trainer and tools/train_net.py on the bundled shapes data.
+
+REPO = Path(__file__).resolve().parent.parent
+QUICKSTART = REPO / "configs" / "quickstart"
+# 4 iterations of 2 images on the 16-image split, evaluated on it once, at the end; every box
+# is kept so that the predictions are many.
+TINY = [
+    "DATASETS.TRAIN", "('nl_shapes_mini',)",
+    "DATASETS.TEST", "('nl_shapes_mini',)",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "4",
+    "SOLVER.STEPS", "(3,)",
+    "SOLVER.WARMUP_ITERS", "2",
+    "SOLVER.CHECKPOINT_PERIOD", "2",
+    "TEST.EVAL_PERIOD", "0",
+    "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+    "DATALOADER.NUM_WORKERS", "0",
+]  # fmt: skip
+
+
+def _train_net(args: list[str], data: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, NL_DETECTRON_DATA=str(data))
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "train_net.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _copypaste(log: str) -> dict[str, list[str]]:
+    """The AP tables of detectron2's copypaste lines: task -> [names line, values line]."""
+    lines = [line.split("copypaste: ")[1] for line in log.splitlines() if "copypaste: " in line]
+    return {lines[i][len("Task: ") :]: lines[i + 1 : i + 3] for i in range(0, len(lines), 3)}
+
+
+@pytest.mark.slow
+def test_train_net_fine_tune_starts_from_the_vanilla_evaluation(tmp_path):
+    vanilla_dir, nl_dir = tmp_path / "vanilla", tmp_path / "nl_eval"
+    proc = _train_net(
+        [
+            "--config-file", str(QUICKSTART / "mask_rcnn_baseline_shapes.yaml"), *TINY,
+            "OUTPUT_DIR", str(vanilla_dir),
+        ],
+        tmp_path / "data",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = vanilla_dir / "model_final.pth"
+    # The NL model with the vanilla weights: the fine-tune's model at iteration 0.
+    proc = _train_net(
+        [
+            "--config-file", str(QUICKSTART / "mask_rcnn_nl_shapes.yaml"), "--eval-only", *TINY,
+            "MODEL.WEIGHTS", str(weights), "OUTPUT_DIR", str(nl_dir),
+        ],
+        tmp_path / "data",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    log = (nl_dir / "log.txt").read_text()
+    assert "Newly initialised: 60 tensors of 5 non-local block(s)" in log
+    assert "CHECKPOINT MISMATCH" not in log
+    # The vanilla run's final evaluation and the NL evaluation: same predictions, same AP.
+    inference = Path("inference") / "nl_shapes_mini"
+    expected = torch.load(vanilla_dir / inference / "instances_predictions.pth", weights_only=False)
+    got = torch.load(nl_dir / inference / "instances_predictions.pth", weights_only=False)
+    assert sum(len(p["instances"]) for p in expected) > 100
+    assert got == expected
+    tables = _copypaste((vanilla_dir / "log.txt").read_text())
+    assert set(tables) == {"bbox", "segm", "keypoints"}
+    assert _copypaste(log) == tables
+
+    # --resume in the vanilla run's directory: refused with the fix, no traceback.
+    proc = _train_net(
+        [
+            "--config-file", str(QUICKSTART / "mask_rcnn_nl_shapes.yaml"), "--resume", *TINY,
+            "OUTPUT_DIR", str(vanilla_dir),
+        ],
+        tmp_path / "data",
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert f"error: Cannot resume training from {weights}: it was written by another model" in (
+        proc.stderr
+    )
+    assert "none of the 5 non-local blocks" in proc.stderr
+    assert "the optimizer state checkpoint['trainer']['_trainer']['optimizer'] has" in proc.stderr
+    assert f"pass MODEL.WEIGHTS {weights} without --resume, with a new OUTPUT_DIR" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def mini_split(tmp_path_factory) -> str:
+    """The 16-image shapes split, registered under another name with its data in a temp dir."""
+    name = "nl_shapes_mini_finetune_test"
+    if name not in DatasetCatalog.list():
+        mini = next(s for s in SHAPES_SPLITS if s.name == "nl_shapes_mini")
+        register_shapes_datasets(tmp_path_factory.mktemp("data"), [replace(mini, name=name)])
+    return name
+
+
+@pytest.mark.slow
+def test_trainer_resume_restores_model_optimizer_scheduler_and_iteration(tmp_path, mini_split):
+    tiny = [*TINY, "DATASETS.TRAIN", f"('{mini_split}',)", "DATASETS.TEST", "()"]
+    tiny += ["SOLVER.MAX_ITER", "2"]
+    cfg = load_config(str(QUICKSTART / "mask_rcnn_nl_shapes.yaml"), tiny)
+    cfg.OUTPUT_DIR = str(tmp_path)
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.checkpointer, NonLocalCheckpointer)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    saved = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    assert saved["iteration"] == 1 and saved["trainer"]["iteration"] == 1
+    optimizer_state = saved["trainer"]["_trainer"]["optimizer"]
+    assert len(optimizer_state["state"]) > 0  # momentum buffers
+
+    cfg.SOLVER.MAX_ITER = 4
+    resumed = Trainer(cfg)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 2
+    assert resumed.checkpointer.report.num_loaded == resumed.checkpointer.report.num_tensors
+    model_state = resumed.model.state_dict()
+    for key, value in saved["model"].items():
+        assert torch.equal(model_state[key], value), key
+    restored = resumed.optimizer.state_dict()
+    assert restored["state"].keys() == optimizer_state["state"].keys()
+    for index, state in optimizer_state["state"].items():
+        assert torch.equal(restored["state"][index]["momentum_buffer"], state["momentum_buffer"])
+    assert resumed.scheduler.last_epoch == saved["trainer"]["hooks"]["LRScheduler"]["last_epoch"]

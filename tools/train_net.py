@@ -14,12 +14,12 @@ Results: ``OUTPUT_DIR`` holds the log, ``metrics.json``, TensorBoard events, che
 
 import sys
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from nl_detectron.checkpointer import CheckpointError, NonLocalCheckpointer
 from nl_detectron.engine import Trainer, UserInputError, check_inputs, load_config
 
 
@@ -36,7 +36,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        NonLocalCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         results = Trainer.test(cfg, model)
@@ -66,7 +66,7 @@ if __name__ == "__main__":
             dist_url=args.dist_url,
             args=(args,),
         )
-    except UserInputError as e:
+    except (UserInputError, CheckpointError) as e:
         sys.exit(f"error: {e}")
     except FloatingPointError as e:  # detectron2's divergence checks (loss, RPN outputs)
         sys.exit(
