@@ -13,11 +13,11 @@ from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
 from nl_detectron.config import add_nonlocal_config
+from nl_detectron.engine import UserInputError
 from nl_detectron.non_local_block import NonLocalBlock
 from nl_detectron.visualization import (
     Predictor,
     QueryPoint,
-    VisualizationError,
     compute_attention_maps,
     draw_attention_maps,
     load_metrics,
@@ -230,7 +230,7 @@ def test_attention_peaks_at_the_matching_distant_position(pairwise: str, sub_sam
 
 def test_attention_query_outside_the_image_is_refused(image: np.ndarray):
     predictor = Predictor(tiny_cfg(pairwise="embedded_gaussian"))
-    with pytest.raises(VisualizationError, match=r"\(140, 10\) is outside the image.*140 x 100"):
+    with pytest.raises(UserInputError, match=r"\(140, 10\) is outside the image.*140 x 100"):
         compute_attention_maps(predictor, image, [(140, 10)])
 
 
@@ -325,23 +325,28 @@ def test_attention_tool_refuses_a_model_without_non_local_blocks(tmp_path, capsy
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "flags, opts, message",
     [
-        (["--config-file", "missing.yaml"], "Config file 'missing.yaml' does not exist"),
-        (["--weights", "missing.pth"], "Weights file 'missing.pth' does not exist"),
-        (["--input", "missing.png"], "Image file 'missing.png' does not exist"),
-        (["--query", "1;2"], "query point '1;2' should be x,y"),
+        ({"--config-file": "missing.yaml"}, [], "Config file 'missing.yaml' not found"),
+        ({"--weights": "missing.pth"}, [], "Checkpoint 'missing.pth' does not exist"),
+        ({"--input": "missing.png"}, [], "Image file 'missing.png' does not exist"),
+        ({"--dataset": "nope"}, [], "Dataset 'nope' is not registered"),
+        ({"--query": "1;2"}, [], "query point '1;2' should be x,y"),
+        ({}, ["MODEL.NONLOCAL.PAIRWIZE", "dot_product"], "Did you mean MODEL.NONLOCAL.PAIRWISE"),
     ],
 )
-def test_attention_tool_input_errors(args: list[str], message: str, tmp_path, capsys):
+def test_attention_tool_input_errors(
+    flags: dict[str, str], opts: list[str], message: str, tmp_path, capsys
+):
     config = tmp_path / "vanilla.yaml"
     config.write_text(tiny_cfg().dump())
     image_path = tmp_path / "image.png"
     Image.fromarray(np.full((40, 50, 3), 128, np.uint8)).save(image_path)
-    defaults = {"--config-file": str(config), "--input": str(image_path)}
-    for flag, value in zip(args[::2], args[1::2]):
-        defaults[flag] = value
-    argv = [item for pair in defaults.items() for item in pair] + ["--output", "x.png"]
+    args = {"--config-file": str(config), "--output": "x.png"}
+    args.update(flags)
+    if "--dataset" not in flags:
+        args["--input"] = flags.get("--input", str(image_path))
+    argv = [item for pair in args.items() for item in pair] + opts
     with pytest.raises(SystemExit) as exit_info:
         load_tool("visualize_attention").main(argv)
     assert exit_info.value.code == 2

@@ -13,8 +13,9 @@ import logging
 import sys
 from typing import Optional
 
-import nl_detectron  # noqa: F401  (registers the backbones, heads and datasets)
-from nl_detectron.visualization import VisualizationError
+import nl_detectron  # noqa: F401  (registers the backbones and heads)
+import nl_detectron.data  # noqa: F401  (registers the bundled datasets)
+from nl_detectron.engine import UserInputError
 from nl_detectron.visualization.demo_figures import write_demo_figures
 
 
@@ -44,7 +45,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             image_index=args.index,
             num_images=args.num_images,
         )
-    except VisualizationError as e:
+    except UserInputError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

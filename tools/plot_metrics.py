@@ -13,7 +13,8 @@ import logging
 import sys
 from typing import Optional
 
-from nl_detectron.visualization import VisualizationError, parse_run, plot_metrics
+from nl_detectron.engine import UserInputError
+from nl_detectron.visualization import parse_run, plot_metrics
 from nl_detectron.visualization.curves import DEFAULT_AP_METRICS
 
 
@@ -40,7 +41,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         runs = [parse_run(spec) for spec in args.runs]
         path = plot_metrics(runs, args.output, ap_metrics=args.ap_metrics, columns=args.columns)
-    except VisualizationError as e:
+    except UserInputError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     logging.getLogger(__name__).info("Wrote %s", path)
 

@@ -18,10 +18,11 @@ import logging
 import sys
 from typing import Optional
 
-import nl_detectron  # noqa: F401  (registers the backbones, heads and datasets)
+import nl_detectron  # noqa: F401  (registers the backbones and heads)
+import nl_detectron.data  # noqa: F401  (registers the bundled datasets)
+from nl_detectron.engine import UserInputError
 from nl_detectron.visualization import (
     Predictor,
-    VisualizationError,
     compute_attention_maps,
     dataset_record,
     draw_attention_maps,
@@ -86,7 +87,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             predictor, image, args.query, top_k=args.top_k, block_names=args.block
         )
         path = draw_attention_maps(result, args.output, panel_size=args.panel_size)
-    except VisualizationError as e:
+    except UserInputError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     logging.getLogger(__name__).info("Wrote %s", path)
 

@@ -14,10 +14,11 @@ import logging
 import sys
 from typing import Optional
 
-import nl_detectron  # noqa: F401  (registers the backbones, heads and datasets)
+import nl_detectron  # noqa: F401  (registers the backbones and heads)
+import nl_detectron.data  # noqa: F401  (registers the bundled datasets)
+from nl_detectron.engine import UserInputError
 from nl_detectron.visualization import (
     Predictor,
-    VisualizationError,
     load_config,
     visualize_predictions,
 )
@@ -52,7 +53,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         dataset = args.dataset
         if dataset is None:
             if not cfg.DATASETS.TEST:
-                raise VisualizationError(
+                raise UserInputError(
                     f"{args.config_file} has no DATASETS.TEST; pass --dataset with a registered "
                     "dataset name."
                 )
@@ -67,7 +68,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             score_threshold=args.score_threshold,
             scale=args.scale,
         )
-    except VisualizationError as e:
+    except UserInputError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
 
 

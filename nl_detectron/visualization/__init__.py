@@ -10,7 +10,6 @@ from .attention import (
     non_local_blocks,
 )
 from .curves import RunMetrics, load_metrics, parse_run, plot_metrics
-from .errors import VisualizationError
 from .image_source import dataset_record, dataset_records, read_rgb_image
 from .predictions import draw_ground_truth_and_prediction, visualize_predictions
 from .predictor import Prediction, Predictor, load_config
@@ -22,7 +21,6 @@ __all__ = [
     "Predictor",
     "QueryPoint",
     "RunMetrics",
-    "VisualizationError",
     "compute_attention_maps",
     "dataset_record",
     "dataset_records",

@@ -26,8 +26,8 @@ from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
+from ..engine.errors import UserInputError
 from ..non_local_block import NonLocalBlock
-from .errors import VisualizationError
 from .figure import pixel_figure, save_png
 from .predictor import Predictor
 
@@ -124,9 +124,9 @@ def non_local_blocks(model: nn.Module) -> list[tuple[str, NonLocalBlock]]:
 
 
 def validate_query(x: float, y: float, width: int, height: int) -> None:
-    """Raise ``VisualizationError`` unless ``0 <= x < width`` and ``0 <= y < height``."""
+    """Raise ``UserInputError`` unless ``0 <= x < width`` and ``0 <= y < height``."""
     if not (0 <= x < width and 0 <= y < height):
-        raise VisualizationError(
+        raise UserInputError(
             f"Query point (x, y) = ({x:g}, {y:g}) is outside the image, which is {width} x "
             f"{height} pixels (width x height); give x in [0, {width}) and y in [0, {height})."
         )
@@ -137,7 +137,7 @@ def default_queries(
 ) -> list[QueryPoint]:
     """Centres of the ``top_k`` highest-scoring detections; the image centre if there are none."""
     if top_k < 1:
-        raise VisualizationError(f"The number of default queries must be >= 1; got {top_k}.")
+        raise UserInputError(f"The number of default queries must be >= 1; got {top_k}.")
     order = np.argsort(-detections.scores, kind="stable")[:top_k]
     if len(order) == 0:
         logger.info("No detections: using the image centre as the query point.")
@@ -347,7 +347,7 @@ def compute_attention_maps(
     height, width = image_rgb.shape[:2]
     blocks = non_local_blocks(predictor.model)
     if not blocks:
-        raise VisualizationError(
+        raise UserInputError(
             f"The model built from {predictor.source} has no non-local blocks, so there is no "
             "attention to show. Use a config whose backbone or heads have non-local blocks (e.g. "
             "MODEL.BACKBONE.NAME build_non_local_resnet_fpn_backbone with "
@@ -357,14 +357,14 @@ def compute_attention_maps(
         known = [name for name, _ in blocks]
         unknown = [name for name in block_names if name not in known]
         if unknown:
-            raise VisualizationError(
+            raise UserInputError(
                 f"No non-local block named {', '.join(unknown)} in the model built from "
                 f"{predictor.source}; its blocks are: {', '.join(known)}."
             )
         blocks = [(name, block) for name, block in blocks if name in block_names]
     if points is not None:
         if not points:
-            raise VisualizationError("No query points given; give at least one x,y point.")
+            raise UserInputError("No query points given; give at least one x,y point.")
         for x, y in points:
             validate_query(x, y, width, height)
 
@@ -488,12 +488,12 @@ def draw_attention_maps(
     (see :func:`save_png`).
     """
     if not result.maps:
-        raise VisualizationError(
+        raise UserInputError(
             "None of the model's non-local blocks gave an attention map for this image (see the "
             "log for why each was skipped)."
         )
     if panel_size < 64:
-        raise VisualizationError(f"Panel size must be at least 64 pixels; got {panel_size}.")
+        raise UserInputError(f"Panel size must be at least 64 pixels; got {panel_size}.")
     rows, cols = len(result.maps), len(result.queries)
     fig = pixel_figure(cols * panel_size, rows * panel_size)
     title_px, margin_px = 48, 6

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from matplotlib.lines import Line2D
 
-from .errors import VisualizationError
+from ..engine.errors import UserInputError
 from .figure import pixel_figure, save_png
 
 __all__ = ["DEFAULT_AP_METRICS", "RunMetrics", "load_metrics", "parse_run", "plot_metrics"]
@@ -49,18 +49,18 @@ def load_metrics(path: Union[str, Path], label: Optional[str] = None) -> RunMetr
         label: the run's name in legends; default: the name of the folder holding the file.
 
     A last line cut short (a run still writing) is skipped with a log line; any other line that
-    is not a JSON object with an ``iteration`` raises ``VisualizationError``.
+    is not a JSON object with an ``iteration`` raises ``UserInputError``.
     """
     path = Path(path)
     if path.is_dir():
         if not (path / "metrics.json").is_file():
-            raise VisualizationError(
+            raise UserInputError(
                 f"Run folder {str(path)!r} has no metrics.json; pass the OUTPUT_DIR of a "
                 "training run (tools/train_net.py writes metrics.json there) or the file itself."
             )
         path = path / "metrics.json"
     if not path.is_file():
-        raise VisualizationError(
+        raise UserInputError(
             f"Metrics file {str(path)!r} does not exist; pass a training run's OUTPUT_DIR or "
             "the metrics.json in it."
         )
@@ -75,9 +75,9 @@ def load_metrics(path: Union[str, Path], label: Optional[str] = None) -> RunMetr
             if number == len(lines):
                 logger.info("Skipping the incomplete last line of %s.", path)
                 continue
-            raise VisualizationError(f"Line {number} of {str(path)!r} is not JSON: {e}.") from e
+            raise UserInputError(f"Line {number} of {str(path)!r} is not JSON: {e}.") from e
         if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
-            raise VisualizationError(
+            raise UserInputError(
                 f"Line {number} of {str(path)!r} is not a metrics record (a JSON object with an "
                 "integer 'iteration'); is this a detectron2 metrics.json?"
             )
@@ -95,7 +95,7 @@ def parse_run(spec: str) -> RunMetrics:
     if not sep:
         return load_metrics(spec)
     if not label or not path:
-        raise VisualizationError(f"Run {spec!r} should be PATH or LABEL=PATH, both non-empty.")
+        raise UserInputError(f"Run {spec!r} should be PATH or LABEL=PATH, both non-empty.")
     return load_metrics(path, label)
 
 
@@ -116,11 +116,11 @@ def plot_metrics(
     ``columns = min(columns, number of panels)``.
     """
     if not runs:
-        raise VisualizationError("No runs given; pass at least one metrics.json or run folder.")
+        raise UserInputError("No runs given; pass at least one metrics.json or run folder.")
     labels = [run.label for run in runs]
     twice = sorted({label for label in labels if labels.count(label) > 1})
     if twice:
-        raise VisualizationError(
+        raise UserInputError(
             f"Several runs are labelled {', '.join(twice)}; name them with LABEL=PATH."
         )
     logged = {key for run in runs for key in run.loss_keys()}
@@ -131,7 +131,7 @@ def plot_metrics(
         logger.info("No run has %s: not plotted.", ", ".join(missing))
     keys = losses + aps
     if not keys:
-        raise VisualizationError(
+        raise UserInputError(
             f"None of {', '.join(str(run.path) for run in runs)} has a loss or any of "
             f"{', '.join(ap_metrics)}; nothing to plot."
         )

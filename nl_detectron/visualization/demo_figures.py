@@ -9,9 +9,9 @@ import logging
 from pathlib import Path
 from typing import Optional, Union
 
+from ..engine.errors import UserInputError
 from .attention import compute_attention_maps, draw_attention_maps
 from .curves import load_metrics, plot_metrics
-from .errors import VisualizationError
 from .figure import save_png
 from .image_source import dataset_record, read_rgb_image
 from .predictions import draw_predictions_sheet
@@ -50,14 +50,14 @@ def write_demo_figures(
     config, weights = run_dir / "config.yaml", run_dir / "model_final.pth"
     for path in (config, weights):
         if not path.is_file():
-            raise VisualizationError(
+            raise UserInputError(
                 f"{path} does not exist: {run_dir} is not a finished training run. Train one "
                 "first (make demo, or tools/train_net.py with OUTPUT_DIR set to it)."
             )
     cfg = load_config(str(config), weights=str(weights))
     if dataset is None:
         if not cfg.DATASETS.TEST:
-            raise VisualizationError(f"{config} has no DATASETS.TEST; pass a dataset name.")
+            raise UserInputError(f"{config} has no DATASETS.TEST; pass a dataset name.")
         dataset = cfg.DATASETS.TEST[0]
     predictor = Predictor(cfg, source=str(config))
     output_dir.mkdir(parents=True, exist_ok=True)

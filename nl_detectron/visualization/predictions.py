@@ -16,7 +16,7 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image, ImageDraw
 
-from .errors import VisualizationError
+from ..engine.errors import UserInputError
 from .image_source import dataset_records, read_rgb_image
 from .predictor import Predictor
 
@@ -56,7 +56,7 @@ def draw_ground_truth_and_prediction(
         ``(h + 20, 2 w + 8, 3)`` uint8 RGB image, with ``(h, w) = (H, W) * scale`` (floored).
     """
     if scale <= 0:
-        raise VisualizationError(f"Drawing scale must be positive; got {scale}.")
+        raise UserInputError(f"Drawing scale must be positive; got {scale}.")
     annotations = record.get("annotations", [])
     kept = instances[instances.scores >= score_threshold] if instances.has("scores") else instances
     truth = Visualizer(image_rgb, metadata, scale=scale).draw_dataset_dict(record).get_image()
@@ -87,11 +87,11 @@ def _pictures(
     metadata = MetadataCatalog.get(dataset_name)
     if indices is None:
         if num_images < 1:
-            raise VisualizationError(f"Number of images must be >= 1; got {num_images}.")
+            raise UserInputError(f"Number of images must be >= 1; got {num_images}.")
         indices = range(min(num_images, len(records)))
     bad = [i for i in indices if not 0 <= i < len(records)]
     if bad:
-        raise VisualizationError(
+        raise UserInputError(
             f"Image indices {bad} are out of range for dataset {dataset_name!r}, which has "
             f"{len(records)} images; use indices in [0, {len(records) - 1}]."
         )

@@ -3,20 +3,18 @@
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import CfgNode, get_cfg
+from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from ..config import add_nonlocal_config
-from ..non_local_block import NonLocalBlock
-from .errors import VisualizationError
+from ..checkpointer import CheckpointError, NonLocalCheckpointer
+from ..engine.config_loader import load_config as load_run_config
+from ..engine.errors import UserInputError
 
 __all__ = ["Prediction", "Predictor", "load_config"]
 
@@ -26,7 +24,8 @@ logger = logging.getLogger(__name__)
 def load_config(
     config_file: str, opts: Sequence[str] = (), *, weights: Optional[str] = None
 ) -> CfgNode:
-    """Detectron2 config with ``MODEL.NONLOCAL``, merged from a YAML file and ``KEY VALUE`` opts.
+    """The frozen config of a trained model: :func:`nl_detectron.engine.load_config` (detectron2
+    defaults, ``MODEL.NONLOCAL``, the YAML file, ``KEY VALUE`` overrides), then ``weights``.
 
     Args:
         config_file: a YAML config (e.g. ``configs/quickstart/mask_rcnn_nl_shapes.yaml``, or the
@@ -36,24 +35,7 @@ def load_config(
 
     ``MODEL.DEVICE`` falls back to ``"cpu"`` when CUDA is asked for but not available.
     """
-    path = Path(config_file)
-    if not path.is_file():
-        raise VisualizationError(
-            f"Config file {config_file!r} does not exist. Pass the YAML config the model was "
-            "trained with, e.g. configs/quickstart/mask_rcnn_nl_shapes.yaml or a run's "
-            "output/<run>/config.yaml."
-        )
-    if len(opts) % 2:
-        raise VisualizationError(
-            f"Config overrides come in KEY VALUE pairs; got an odd number: {list(opts)}."
-        )
-    cfg = get_cfg()
-    add_nonlocal_config(cfg)
-    try:
-        cfg.merge_from_file(str(path))
-        cfg.merge_from_list(list(opts))
-    except (KeyError, ValueError, AssertionError) as e:
-        raise VisualizationError(f"Cannot load config {config_file!r}: {e}") from e
+    cfg = load_run_config(config_file, opts)
     if weights is not None:
         cfg.MODEL.WEIGHTS = weights
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -95,7 +77,7 @@ class Predictor:
 
     def __init__(self, cfg: CfgNode, *, source: str = "the config") -> None:
         if cfg.INPUT.FORMAT not in ("RGB", "BGR"):
-            raise VisualizationError(
+            raise UserInputError(
                 f"INPUT.FORMAT {cfg.INPUT.FORMAT!r} of {source} is not supported by the "
                 "visualisation tools; they run models that take 'RGB' or 'BGR' images."
             )
@@ -103,15 +85,7 @@ class Predictor:
         self.source = source
         self.model = build_model(cfg)
         self.model.eval()
-        blocks = [(n, m) for n, m in self.model.named_modules() if isinstance(m, NonLocalBlock)]
-        initial = {name: [p.detach().clone() for p in m.parameters()] for name, m in blocks}
-        _load_weights(self.model, cfg.MODEL.WEIGHTS)
-        self.blocks_without_weights = [
-            name
-            for name, block in blocks
-            if cfg.MODEL.WEIGHTS
-            and all(torch.equal(a, b) for a, b in zip(initial[name], block.parameters()))
-        ]
+        self.blocks_without_weights = _load_weights(self.model, cfg.MODEL.WEIGHTS)
         self._resize = T.ResizeShortestEdge(
             [cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MIN_SIZE_TEST], cfg.INPUT.MAX_SIZE_TEST
         )
@@ -119,7 +93,7 @@ class Predictor:
     def __call__(self, image_rgb: np.ndarray) -> Prediction:
         """Run the model on one ``(H, W, 3)`` uint8 RGB image."""
         if image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-            raise VisualizationError(
+            raise UserInputError(
                 f"Predictor takes an RGB image of shape (H, W, 3); got {image_rgb.shape}."
             )
         height, width = image_rgb.shape[:2]
@@ -132,17 +106,18 @@ class Predictor:
         return Prediction(outputs["instances"].to("cpu"), (resized.shape[0], resized.shape[1]))
 
 
-def _load_weights(model: torch.nn.Module, weights: str) -> None:
-    """Load ``weights`` into ``model``; ``""`` keeps the random initialisation."""
+def _load_weights(model: torch.nn.Module, weights: str) -> list[str]:
+    """Load ``weights`` into ``model`` (``""``: keep the random initialisation).
+
+    Returns:
+        The non-local blocks the checkpoint has no weights for.
+    """
     if not weights:
         logger.warning("No weights given (MODEL.WEIGHTS is empty): the model is random.")
-        return
-    if "://" not in weights and not Path(weights).is_file():
-        raise VisualizationError(
-            f"Weights file {weights!r} does not exist. Pass --weights with a checkpoint of this "
-            "config, e.g. output/<run>/model_final.pth written by tools/train_net.py."
-        )
+        return []
+    checkpointer = NonLocalCheckpointer(model)
     try:
-        DetectionCheckpointer(model).load(weights)
-    except (OSError, RuntimeError, ValueError, AssertionError) as e:
-        raise VisualizationError(f"Cannot load weights {weights!r}: {e}") from e
+        checkpointer.load(weights)
+    except CheckpointError as e:
+        raise UserInputError(str(e)) from None
+    return list(checkpointer.report.new_non_local) if checkpointer.report else []
