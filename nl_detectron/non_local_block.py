@@ -86,6 +86,7 @@ def _make_norm(norm: Optional[str], channels: int, dim: int) -> Optional[nn.Modu
     if norm == "SyncBN":
         # Plain batch norm when torch.distributed is not initialised or has a single process;
         # synchronised across processes on GPUs and, unlike nn.SyncBatchNorm, on CPUs (gloo).
+        # Its class is not nn.SyncBatchNorm, which DDP refuses in CPU models.
         return SyncBatchNorm(channels)
     if norm == "GN":
         if channels % 32 != 0:
@@ -181,7 +182,7 @@ class NonLocalBlock(CNNBlockBase):
         # On an empty batch a training-mode batch norm has no statistics: it is skipped there,
         # except a SyncBN that synchronises, which must join the other processes' collectives.
         self._batch_norm = isinstance(self.out_norm, nn.modules.batchnorm._BatchNorm)
-        self._sync_norm = isinstance(self.out_norm, nn.SyncBatchNorm)
+        self._sync_norm = isinstance(self.out_norm, SyncBatchNorm)
 
         for layer in (self.theta, self.phi, self.g, self.concat_project, self.out_conv):
             if layer is not None:

@@ -2,36 +2,69 @@
 
 ``torch.nn.SyncBatchNorm`` computes its statistics over all processes, but only for CUDA (and a
 few other accelerator) tensors: in CPU training with ``torch.distributed`` initialised it raises
-``ValueError("SyncBatchNorm expected input tensor to be on GPU ...")``. :class:`SyncBatchNorm`
-keeps torch's implementation for accelerators and adds the CPU case: the batch mean and variance
-over every process's batch, from two differentiable all-reduces, weighted by each process's number
-of elements (so processes with different or empty batches, e.g. a different number of RoIs in a
-head, are handled exactly). The result equals ``BatchNorm`` over the concatenated batch, in the
-forward pass, the gradients and the running statistics.
+``ValueError("SyncBatchNorm expected input tensor to be on GPU ...")``, and
+``DistributedDataParallel`` refuses any CPU model that contains one ("SyncBatchNorm layers only
+work with GPU modules"). :class:`SyncBatchNorm` uses torch's implementation for accelerators and
+adds the CPU case: the batch mean and variance over every process's batch, from two
+differentiable all-reduces, weighted by each process's number of elements (so processes with
+different or empty batches, e.g. a different number of RoIs in a head, are handled exactly). The
+result equals ``BatchNorm`` over the concatenated batch, in the forward pass, the gradients and
+the running statistics. It is not an ``nn.SyncBatchNorm`` subclass (DDP's check), but has the same
+parameters, buffers and checkpoint keys.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.nn.functional import all_reduce
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["SyncBatchNorm"]
 
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` (same arguments, parameters and buffers) that also synchronises
-    CPU tensors, e.g. in multi-process CPU training with the gloo backend.
+class SyncBatchNorm(_BatchNorm):
+    """Batch norm synchronised across the processes of ``process_group`` (default: all), on
+    accelerators as ``nn.SyncBatchNorm`` and also on CPU, e.g. in multi-process CPU training
+    with the gloo backend.
 
     Input: ``(N, C, *S)`` with any number of spatial dimensions (also none), output: the same.
-    Accelerator tensors, evaluation mode and single-process runs use ``nn.SyncBatchNorm`` as is
-    (the latter two are plain batch norm).
+    Evaluation mode and single-process runs are plain batch norm.
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats: as for ``nn.BatchNorm2d``.
+        process_group: the processes to synchronise; None: all.
     """
 
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        process_group: Optional[dist.ProcessGroup] = None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
+    def _check_non_zero_input_channels(self, input: Tensor) -> None:
+        if input.size(1) == 0:
+            raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+
     def forward(self, input: Tensor) -> Tensor:
-        if input.device.type == "cpu" and self.training and self._world_size() > 1:
-            return self._cpu_sync_forward(input)
+        if self.training and self._world_size() > 1:
+            if input.device.type == "cpu":
+                return self._cpu_sync_forward(input)
+            # torch's kernels for accelerators; its forward needs only what this class has.
+            return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]
         return super().forward(input)
 
     @torch.jit.unused

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nl_detectron.non_local_block import CNNBlockBase, NonLocalBlock
+from nl_detectron.sync_batch_norm import SyncBatchNorm
 
 PAIRWISE = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 SOFTMAX_FORMS = ("embedded_gaussian", "gaussian")
@@ -289,7 +290,7 @@ def test_sync_bn_without_distributed(dim):
     sync = randomise(NonLocalBlock(8, dim=dim, norm="SyncBN"))
     plain = NonLocalBlock(8, dim=dim, norm="BN")
     plain.load_state_dict(sync.state_dict())
-    assert isinstance(sync.out_norm, nn.SyncBatchNorm)
+    assert isinstance(sync.out_norm, SyncBatchNorm)
     x = torch.randn(2, 8, *SIZES[dim][1])
     torch.testing.assert_close(sync(x), plain(x))  # training mode, batch statistics
     torch.testing.assert_close(sync.out_norm.running_mean, plain.out_norm.running_mean)

@@ -14,13 +14,14 @@ Results: ``OUTPUT_DIR`` holds the log, ``metrics.json``, TensorBoard events, che
 
 import sys
 
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from nl_detectron.checkpointer import CheckpointError, NonLocalCheckpointer
 from nl_detectron.engine import Trainer, UserInputError, check_inputs, load_config
+from nl_detectron.engine.distributed import backend_for_device, launch
 
 
 def setup(args):
@@ -52,12 +53,9 @@ if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     try:
         # Before any process starts: datasets on disk, weights reachable, config consistent.
-        check_inputs(
-            load_config(args.config_file, args.opts),
-            eval_only=args.eval_only,
-            resume=args.resume,
-            num_gpus=args.num_gpus,
-        )
+        cfg = load_config(args.config_file, args.opts)
+        check_inputs(cfg, eval_only=args.eval_only, resume=args.resume, num_gpus=args.num_gpus)
+        # --num-gpus processes per machine: NCCL on GPUs, gloo with MODEL.DEVICE cpu.
         launch(
             main,
             args.num_gpus,
@@ -65,6 +63,7 @@ if __name__ == "__main__":
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
             args=(args,),
+            backend=backend_for_device(cfg.MODEL.DEVICE),
         )
     except (UserInputError, CheckpointError) as e:
         sys.exit(f"error: {e}")

@@ -8,15 +8,22 @@ the losses that were not finite and what to try.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 from detectron2.config import CfgNode
 
 from .errors import UserInputError
 
-__all__ = ["TrainingDivergedError", "diverged_message", "parse_d2_message"]
+__all__ = [
+    "TrainingDivergedError",
+    "diverged_message",
+    "parse_d2_message",
+    "user_errors_logged_without_traceback",
+]
 
 
 class TrainingDivergedError(UserInputError):
@@ -85,3 +92,25 @@ def parse_d2_message(message: str) -> tuple[int | None, dict[str, float]]:
     iteration = int(match.group(1)) if match else None
     losses = {name: float(value) for name, value in _LOSS.findall(message)}
     return iteration, losses
+
+
+class _OneLine(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, UserInputError):
+            record.msg, record.args = f"Training stopped: {error}", ()
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+@contextlib.contextmanager
+def user_errors_logged_without_traceback() -> Iterator[None]:
+    """Within the block, Detectron2's training loop logs a :class:`UserInputError` that stops
+    training as one line (it logs every exception with its traceback before re-raising it)."""
+    train_loop = logging.getLogger("detectron2.engine.train_loop")
+    one_line = _OneLine()
+    train_loop.addFilter(one_line)
+    try:
+        yield
+    finally:
+        train_loop.removeFilter(one_line)

@@ -73,11 +73,13 @@ def _device_problems(cfg: CfgNode, num_gpus: int) -> Iterable[str]:
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}, but PyTorch sees no CUDA GPU on this machine. "
             "Add `MODEL.DEVICE cpu` to the command line (much slower) or run on a GPU machine."
         )
-    if num_gpus > 1 and num_gpus > (torch.cuda.device_count() if cuda else 0):
+    # On CPU (MODEL.DEVICE cpu), --num-gpus is the number of processes (gloo): any number works.
+    gpus = torch.cuda.device_count() if cuda else 0
+    if cfg.MODEL.DEVICE.startswith("cuda") and num_gpus > 1 and num_gpus > gpus:
         yield (
             f"--num-gpus {num_gpus} starts one process per GPU, but this machine has "
-            f"{torch.cuda.device_count() if cuda else 0} CUDA GPU(s). Use --num-gpus 1 "
-            "(the only setting for CPU runs) or at most the number of GPUs."
+            f"{gpus} CUDA GPU(s). Use at most the number of GPUs, or `MODEL.DEVICE cpu` to "
+            f"train in {num_gpus} CPU processes."
         )
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.utils.data as torchdata
+from detectron2.config import CfgNode
 from detectron2.data.common import DatasetFromList
 from detectron2.data.samplers import (
     RandomSubsetTrainingSampler,
@@ -40,9 +41,16 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from PIL import Image
 
+from .data_checks import CheckedDatasetMapper, load_train_dicts
 from .errors import UserInputError
 
-__all__ = ["ReseedEachIteration", "ResumableTrainLoader", "derived_seed", "seeded_rngs"]
+__all__ = [
+    "ReseedEachIteration",
+    "ResumableTrainLoader",
+    "build_train_loader",
+    "derived_seed",
+    "seeded_rngs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -216,13 +224,36 @@ class ResumableTrainLoader:
             comm.get_rank(),
             comm.get_world_size(),
         )
+        # Its own generator: starting an iterator draws a seed from it, which would otherwise
+        # come from the global RNG and shift the model's random numbers at that iteration.
+        generator = torch.Generator()
+        generator.manual_seed(self.seed)
         loader = torchdata.DataLoader(
             self._dataset,
             batch_sampler=batches,
             num_workers=self.num_workers,
             collate_fn=_trivial_batch,
+            generator=generator,
         )
         yield from loader
+
+
+def build_train_loader(cfg: CfgNode) -> ResumableTrainLoader:
+    """The training loader of ``cfg``: the records of ``DATASETS.TRAIN`` (checked by
+    :func:`~nl_detectron.engine.data_checks.load_train_dicts`), Detectron2's ``DatasetMapper``
+    (reporting unusable images), the sampler of ``DATALOADER.SAMPLER_TRAIN``, seeded by ``SEED``
+    (a random seed shared by all processes if it is negative)."""
+    return ResumableTrainLoader(
+        load_train_dicts(cfg),
+        CheckedDatasetMapper(cfg, True),
+        sampler_name=cfg.DATALOADER.SAMPLER_TRAIN,
+        repeat_threshold=cfg.DATALOADER.REPEAT_THRESHOLD,
+        random_subset_ratio=cfg.DATALOADER.get("RANDOM_SUBSET_RATIO", 1.0),
+        total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+        aspect_ratio_grouping=cfg.DATALOADER.ASPECT_RATIO_GROUPING,
+        num_workers=cfg.DATALOADER.NUM_WORKERS,
+        seed=cfg.SEED if cfg.SEED >= 0 else None,
+    )
 
 
 def _make_sampler(

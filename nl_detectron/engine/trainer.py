@@ -9,12 +9,24 @@ import weakref
 from typing import Any
 
 from detectron2.config import CfgNode
+from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, hooks
 from detectron2.utils import comm
+from torch import nn
 
 from .. import data as _data  # noqa: F401  (registers the bundled datasets)
-from ..checkpointer import NonLocalCheckpointer
 from ..evaluation import FastCOCOEvaluator
+from .atomic_checkpoint import AtomicCheckpointer
+from .data_checks import CheckedDatasetMapper
+from .distributed import ReplicaConsistencyCheck, ddp_on_any_device
+from .divergence import (
+    TrainingDivergedError,
+    diverged_message,
+    parse_d2_message,
+    user_errors_logged_without_traceback,
+)
+from .errors import UserInputError
+from .train_loader import ReseedEachIteration, ResumableTrainLoader, build_train_loader
 
 __all__ = ["Trainer", "main_metric"]
 
@@ -46,9 +58,44 @@ class Trainer(DefaultTrainer):
     hold the optimizer state, which detectron2 v0.6's ``DefaultTrainer`` leaves out, so that
     ``--resume`` restores model, optimizer, scheduler and iteration.
 
+    Reliability (docs/reliability.md): checkpoints are written atomically
+    (:class:`~nl_detectron.engine.atomic_checkpoint.AtomicCheckpointer`); the training data is
+    checked and its loader resumes where the checkpoint was
+    (:mod:`~nl_detectron.engine.train_loader`), so with ``SEED >= 0`` a resumed run continues
+    exactly as the uninterrupted one; CPU models train in several processes (gloo); a NaN / inf
+    loss stops the run with :class:`~nl_detectron.engine.divergence.TrainingDivergedError`.
+
     Everything else is detectron2's: logging with ETA (``CommonMetricPrinter``), ``metrics.json``
     and TensorBoard events in ``OUTPUT_DIR``.
     """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        # detectron2 v0.6 wraps the model in DDP with device_ids=[rank], which CPU models reject.
+        with ddp_on_any_device():
+            super().__init__(cfg)
+
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> nn.Module:
+        """detectron2's model; a bad ``MODEL.NONLOCAL`` setting is a :class:`UserInputError`."""
+        try:
+            return super().build_model(cfg)
+        except ValueError as e:
+            if "MODEL.NONLOCAL" not in str(e):
+                raise
+            raise UserInputError(str(e)) from None
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode) -> ResumableTrainLoader:
+        """detectron2's training data, checked, reproducible and resumable
+        (:func:`~nl_detectron.engine.train_loader.build_train_loader`)."""
+        return build_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str):
+        """detectron2's test loader, with unusable images reported by name."""
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=CheckedDatasetMapper(cfg, False)
+        )
 
     @classmethod
     def build_evaluator(
@@ -76,11 +123,44 @@ class Trainer(DefaultTrainer):
             )
             index = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
             ret.insert(index + 1, best)
+        if self.cfg.SEED >= 0:
+            ret.insert(0, ReseedEachIteration(self.cfg.SEED))
+        ret.append(ReplicaConsistencyCheck())
         return ret
 
-    def build_checkpointer(self) -> NonLocalCheckpointer:
-        """The run's checkpointer: the model and this trainer's state, in ``OUTPUT_DIR``."""
-        return NonLocalCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+    def build_checkpointer(self) -> AtomicCheckpointer:
+        """The run's checkpointer: the model and this trainer's state, in ``OUTPUT_DIR``,
+        loaded as :class:`~nl_detectron.checkpointer.NonLocalCheckpointer` loads and saved
+        atomically."""
+        return AtomicCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """detectron2's, and the training data continues where the resumed checkpoint was."""
+        super().resume_or_load(resume=resume)
+        loader = self._trainer.data_loader
+        if isinstance(loader, ResumableTrainLoader):
+            loader.start_batch = self.start_iter
+            self._trainer._data_loader_iter = iter(loader)
+
+    def train(self):
+        """detectron2's training; a :class:`UserInputError` that stops it (bad data, NaN loss)
+        is logged as one line, without a traceback."""
+        with user_errors_logged_without_traceback():
+            return super().train()
+
+    def run_step(self) -> None:
+        """detectron2's step; a NaN / inf loss raises :class:`TrainingDivergedError`."""
+        try:
+            super().run_step()
+        except FloatingPointError as e:
+            _, losses = parse_d2_message(str(e))
+            last = (
+                self.checkpointer.get_checkpoint_file()
+                if self.checkpointer.has_checkpoint()
+                else ""
+            )
+            message = diverged_message(self.iter, losses, self.cfg, last)
+            raise TrainingDivergedError(message) from None
 
     def state_dict(self) -> dict[str, Any]:
         """Iteration and hook states (the scheduler's), and the optimizer state."""

@@ -5,12 +5,15 @@ process, and its ``create_ddp_model`` passes ``device_ids=[local_rank]``, which
 ``DistributedDataParallel`` rejects for a CPU model. :func:`launch` hands GPU runs to Detectron2
 unchanged and runs CPU processes itself with the gloo backend, set up the way Detectron2 sets up
 its workers (global rank, the per-machine process group of ``detectron2.utils.comm``, a barrier);
-:func:`create_ddp_model` wraps CPU models with ``device_ids=None``.
+:func:`create_ddp_model` wraps CPU models with ``device_ids=None``, and
+:class:`ReplicaConsistencyCheck` verifies at the end of training that all processes hold the same
+weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -23,20 +26,26 @@ import detectron2.engine.defaults as d2_defaults
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from detectron2.engine import HookBase
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from ..checkpointer import CheckpointError
 from .errors import UserInputError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
+    "ReplicaConsistencyCheck",
     "backend_for_device",
     "create_ddp_model",
     "ddp_on_any_device",
     "find_free_port",
     "launch",
 ]
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 # Exit status of a worker that stopped on a UserInputError (after printing it).
@@ -91,8 +100,8 @@ def launch(
 
     Raises:
         UserInputError: a bad ``dist_url`` or ``backend``.
-        SystemExit: a process stopped on a :class:`UserInputError` (its message is printed to
-            stderr by that process).
+        SystemExit: a process stopped on a :class:`UserInputError` or ``CheckpointError`` (its
+            message is printed to stderr by that process).
     """
     world_size = num_machines * num_processes_per_machine
     if world_size < 1 or not 0 <= machine_rank < num_machines:
@@ -145,8 +154,9 @@ def launch(
 
 
 class _ReportUserErrors:
-    """``main_func`` for a worker process: a :class:`UserInputError` is printed to stderr,
-    without a traceback, and ends the process with status 1 (the launcher then stops the others).
+    """``main_func`` for a worker process: a :class:`UserInputError` or a
+    :class:`~nl_detectron.checkpointer.CheckpointError` is printed to stderr, without a
+    traceback, and ends the process with status 1 (the launcher then stops the others).
     """
 
     def __init__(self, main_func: Callable[..., Any]) -> None:
@@ -155,7 +165,7 @@ class _ReportUserErrors:
     def __call__(self, *args: Any) -> Any:
         try:
             return self.main_func(*args)
-        except UserInputError as e:
+        except (UserInputError, CheckpointError) as e:
             rank = comm.get_rank()
             print(f"error (process {rank} of {comm.get_world_size()}): {e}", file=sys.stderr)
             sys.stderr.flush()
@@ -256,3 +266,38 @@ def ddp_on_any_device() -> Iterator[None]:
         yield
     finally:
         d2_defaults.create_ddp_model = _d2_create_ddp_model
+
+
+class ReplicaConsistencyCheck(HookBase):
+    """After a completed multi-process training, checks that every process holds the same
+    parameters (DDP keeps them bitwise identical; a difference means a broken synchronisation)
+    and logs the result; a difference is logged as an error naming the first parameter."""
+
+    def after_train(self) -> None:
+        if comm.get_world_size() == 1 or self.trainer.iter < self.trainer.max_iter:
+            return  # one process, or training stopped early (other processes may be gone)
+        model = self.trainer.model
+        model = model.module if isinstance(model, DistributedDataParallel) else model
+        # Per parameter: sum and sum of squares in float64, a fingerprint of its values.
+        names, stats = [], []
+        for name, param in model.named_parameters():
+            values = param.detach().double()
+            names.append(name)
+            stats.append(torch.stack([values.sum(), (values * values).sum()]).cpu())
+        fingerprints = comm.all_gather(torch.stack(stats) if stats else torch.zeros(0, 2))
+        differing = [
+            names[i]
+            for i in range(len(names))
+            if any(not torch.equal(f[i], fingerprints[0][i]) for f in fingerprints[1:])
+        ]
+        if differing:
+            logger.error(
+                f"After training, {len(differing)} parameter(s) differ between the "
+                f"{len(fingerprints)} processes (first: {differing[0]}): the processes were not "
+                "synchronised. Do not use this model; report the problem."
+            )
+        else:
+            logger.info(
+                f"After training, all {len(names)} parameters are identical in the "
+                f"{len(fingerprints)} processes."
+            )
