@@ -1,6 +1,7 @@
 """Tests of the visualisation tools: attention maps, predictions beside ground truth, curves."""
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -294,6 +295,19 @@ def test_predictor_reports_blocks_the_checkpoint_lacks(tmp_path, caplog, image: 
     ]
     compute_attention_maps(predictor, image, [(5, 5)])
     assert "non_local_before_5 has no weights in" in caplog.text
+
+
+def test_attention_without_detections(image: np.ndarray, caplog):
+    caplog.set_level(logging.INFO, logger="nl_detectron.visualization")
+    cfg = tiny_cfg(pairwise="concatenation")
+    cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 1.0  # nothing passes
+    result = compute_attention_maps(Predictor(cfg), image)
+    # The query falls back to the image centre; the head block has no RoIs and is skipped.
+    assert result.queries == [QueryPoint(70.0, 50.0)]
+    assert [row[0].block_name for row in result.maps] == [
+        "backbone.bottom_up.res4.non_local_before_5"
+    ]
+    assert "non_local_after_conv_fcn2: no detections, so no RoIs" in caplog.text
 
 
 def test_attention_tool(shapes_dataset: str, tmp_path):

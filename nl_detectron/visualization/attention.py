@@ -395,7 +395,9 @@ def compute_attention_maps(
         elif block.dim != 2:
             logger.info("Skipping non-local block %s: it is %dD, not 2D.", name, block.dim)
         elif name.startswith(_ROI_PREFIX):
-            if detections.aligned_with_rois and x.shape[0] == len(detections.scores) > 0:
+            if len(detections.scores) == 0:
+                logger.info("Skipping non-local block %s: no detections, so no RoIs.", name)
+            elif detections.aligned_with_rois and x.shape[0] == len(detections.scores):
                 maps.append(roi_block_attention(name, block, x, queries, detections))
             else:
                 logger.info(
