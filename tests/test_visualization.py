@@ -24,7 +24,7 @@ from nl_detectron.visualization import (
     load_metrics,
     visualize_predictions,
 )
-from nl_detectron.visualization.attention import image_block_attention
+from nl_detectron.visualization.attention import heat_map, image_block_attention
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 PAIRWISE = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
@@ -227,6 +227,19 @@ def test_attention_peaks_at_the_matching_distant_position(pairwise: str, sub_sam
         expected = np.zeros_like(weights)
         expected[key] = 1 / m
         np.testing.assert_allclose(weights, expected, atol=1e-7)
+
+
+def test_heat_map_opacity():
+    uniform, peaked = np.full((2, 3), 1 / 6), np.array([[0.1, 0.1, 0.1], [0.1, 0.1, 0.5]])
+    # From 0: a uniform map covers everything at full opacity; a peak stands out.
+    np.testing.assert_allclose(heat_map(uniform, 0.7)[..., 3], 0.7)
+    np.testing.assert_allclose(heat_map(peaked, 0.7)[..., 3], 0.7 * peaked / 0.5)
+    # Stretched: from the lowest value, which becomes transparent.
+    np.testing.assert_allclose(
+        heat_map(peaked, 0.7, stretch=True)[..., 3], [[0, 0, 0], [0, 0, 0.7]], atol=1e-12
+    )
+    # Negative values (dot product): from the lowest.
+    np.testing.assert_allclose(heat_map(np.array([[-1.0, 1.0]]), 1.0)[..., 3], [[0, 1]])
 
 
 def test_attention_query_outside_the_image_is_refused(image: np.ndarray):

@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--block", action="append", help="qualified name of a block to show (repeatable)"
     )
     parser.add_argument("--panel-size", type=int, default=320, help="panel side, pixels")
+    parser.add_argument(
+        "--stretch",
+        action="store_true",
+        help="colour each map from its lowest to its highest value (default: from 0)",
+    )
     parser.add_argument("--output", required=True, help="PNG to write")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     return parser
@@ -86,7 +91,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         result = compute_attention_maps(
             predictor, image, args.query, top_k=args.top_k, block_names=args.block
         )
-        path = draw_attention_maps(result, args.output, panel_size=args.panel_size)
+        path = draw_attention_maps(
+            result, args.output, panel_size=args.panel_size, stretch=args.stretch
+        )
     except UserInputError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     logging.getLogger(__name__).info("Wrote %s", path)

@@ -39,6 +39,7 @@ __all__ = [
     "compute_attention_maps",
     "default_queries",
     "draw_attention_maps",
+    "heat_map",
     "image_block_attention",
     "non_local_blocks",
     "roi_block_attention",
@@ -442,27 +443,33 @@ def _map_title(amap: AttentionMap) -> str:
     return f"{head}\nf/M in [{w.min():.3g}, {w.max():.3g}]"
 
 
-def _heat_map(weights: np.ndarray, alpha: float) -> np.ndarray:
+def heat_map(weights: np.ndarray, alpha: float, *, stretch: bool = False) -> np.ndarray:
     """``(H', W')`` map -> ``(H', W', 4)`` RGBA overlay, coloured and opaque by value.
 
     Values are scaled from 0 (or the lowest value, if negative) to the highest, so a uniform
-    softmax row covers the image evenly while a peaked one leaves the rest of it visible.
+    softmax row covers the image evenly while a peaked one leaves the rest of it visible. With
+    ``stretch``, from the lowest value to the highest instead, which shows the pattern of a
+    nearly uniform map (but makes it look as peaked as any other).
     """
-    low, high = min(float(weights.min()), 0.0), float(weights.max())
+    low = float(weights.min()) if stretch else min(float(weights.min()), 0.0)
+    high = float(weights.max())
     scaled = (weights - low) / (high - low) if high > low else np.ones_like(weights)
     rgba = colormaps["jet"](scaled)
     rgba[..., 3] = alpha * scaled
     return rgba
 
 
-def _draw_panel(ax: Axes, image: np.ndarray, amap: AttentionMap, alpha: float) -> None:
+def _draw_panel(
+    ax: Axes, image: np.ndarray, amap: AttentionMap, alpha: float, stretch: bool
+) -> None:
     height, width = image.shape[:2]
     ax.imshow(image, extent=(0, width, height, 0))
     if amap.weights is None:
         ax.imshow(np.zeros((1, 1)), extent=(0, width, height, 0), cmap="gray", alpha=0.6)
         ax.text(width / 2, height / 2, amap.note, color="white", ha="center", va="center")
     else:
-        ax.imshow(_heat_map(amap.weights, alpha), extent=amap.extent, interpolation="nearest")
+        overlay = heat_map(amap.weights, alpha, stretch=stretch)
+        ax.imshow(overlay, extent=amap.extent, interpolation="nearest")
     if amap.roi_box is not None:
         x0, y0, x1, y1 = amap.roi_box
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, ec="white", lw=1.5))
@@ -479,13 +486,15 @@ def draw_attention_maps(
     *,
     panel_size: int = 320,
     alpha: float = 0.7,
+    stretch: bool = False,
     colors: Optional[int] = None,
 ) -> Path:
     """Draw one panel per block (rows) and query (columns) and save it as a PNG.
 
     Each panel shows the image with the map as a heat map (colour and opacity rise from 0, or
     the lowest value if negative, to the highest, where the opacity is ``alpha``), the query
-    point as a white dot and, for RoI-head blocks, the RoI's box. The PNG is
+    point as a white dot and, for RoI-head blocks, the RoI's box; ``stretch``: see
+    :func:`heat_map`. The PNG is
     ``(queries * panel_size) x (blocks * panel_size)`` pixels; ``colors`` reduces it to a palette
     (see :func:`save_png`).
     """
@@ -511,5 +520,5 @@ def draw_attention_maps(
                     (panel_size - title_px - margin_px) / (rows * panel_size),
                 )
             )
-            _draw_panel(ax, result.image, amap, alpha)
+            _draw_panel(ax, result.image, amap, alpha, stretch)
     return save_png(fig, path, colors=colors)
