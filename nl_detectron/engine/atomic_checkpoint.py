@@ -160,9 +160,11 @@ class AtomicCheckpointer(NonLocalCheckpointer):
         if bad:
             previous = self.get_checkpoint_file() if self.has_checkpoint() else ""
             kept = f"{previous} is kept" if previous else "no checkpoint had been written yet"
+            after = f" after iteration {kwargs['iteration']}" if "iteration" in kwargs else ""
             raise TrainingDivergedError(
-                f"Not saving checkpoint {name}.pth: {len(bad)} weight tensor(s) of the model are "
-                f"NaN or infinite (first: {bad[0]}), so the training has diverged; {kept}. "
+                f"Not saving checkpoint {name}.pth{after}: {len(bad)} weight tensor(s) of the "
+                f"model are NaN or infinite (first: {bad[0]}), so the training has diverged; "
+                f"{kept}. "
                 "Likely causes: a learning rate too high for the batch size (lower "
                 "SOLVER.BASE_LR or lengthen SOLVER.WARMUP_ITERS), bad annotations, or a float16 "
                 "overflow with SOLVER.AMP.ENABLED."

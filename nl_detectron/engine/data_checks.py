@@ -34,6 +34,7 @@ from detectron2.data.build import (
     filter_images_with_few_keypoints,
     filter_images_with_only_crowd_annotations,
 )
+from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
 from PIL import Image, UnidentifiedImageError
 
@@ -355,6 +356,11 @@ class CheckedDatasetMapper(DatasetMapper):
             return super().__call__(dataset_dict)
         except OSError as e:  # decoding: a truncated or corrupt file
             raise DataInputError(_unreadable(file_name, e)) from None
+        except SizeMismatchError as e:
+            raise DataInputError(
+                f"{e} The image file and its annotations disagree: fix width/height in the "
+                "annotations or replace the image."
+            ) from None
         except ValueError as e:
             if "height and width must be > 0" not in str(e):
                 raise
@@ -362,13 +368,6 @@ class CheckedDatasetMapper(DatasetMapper):
                 f"Image {file_name} cannot be resized by {self.augmentations}: a side would "
                 "become 0 pixels. It is too small or elongated (see its width and height); "
                 "remove it from the dataset."
-            ) from None
-        except Exception as e:
-            if type(e).__name__ != "SizeMismatchError":
-                raise
-            raise DataInputError(
-                f"{e}. The image file and its annotations disagree: fix width/height in the "
-                "annotations or replace the image."
             ) from None
 
 

@@ -49,8 +49,8 @@ def diverged_message(
         f"SOLVER.IMS_PER_BATCH {solver.IMS_PER_BATCH}, SOLVER.WARMUP_ITERS "
         f"{solver.WARMUP_ITERS}): lower SOLVER.BASE_LR (scale it with the batch size) or "
         "lengthen the warm-up",
-        "bad annotations (boxes of zero or negative size, coordinates outside the image or "
-        "NaN) in the training data",
+        "bad annotations in the training data (boxes or keypoints that do not match their "
+        "objects, coordinates in another scale)",
     ]
     if solver.AMP.ENABLED:
         causes.append(
@@ -63,15 +63,16 @@ def diverged_message(
             "limits them"
         )
     kept = (
-        f" The last complete checkpoint, {last_checkpoint}, is unchanged; continue from it with "
-        "--resume after fixing the cause."
+        f"The last complete checkpoint, {last_checkpoint}, is unchanged. --resume continues "
+        "from it with the learning rate stored in it; to change SOLVER.BASE_LR, start a new run "
+        f"from its weights: MODEL.WEIGHTS {last_checkpoint} with a new OUTPUT_DIR."
         if last_checkpoint
-        else " No checkpoint had been written yet."
+        else "No checkpoint had been written yet."
     )
     listed = "".join(f"\n  - {c}" for c in causes)
     return (
         f"Training diverged at iteration {iteration}: {terms} (loss terms: "
-        f"{_format_losses(losses)}). Likely causes:{listed}\n{kept.strip()}"
+        f"{_format_losses(losses)}). Likely causes:{listed}\n{kept}"
     )
 
 

@@ -73,6 +73,12 @@ def _device_problems(cfg: CfgNode, num_gpus: int) -> Iterable[str]:
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}, but PyTorch sees no CUDA GPU on this machine. "
             "Add `MODEL.DEVICE cpu` to the command line (much slower) or run on a GPU machine."
         )
+    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+        yield (
+            f"SOLVER.AMP.ENABLED is True, but detectron2's mixed-precision trainer (AMPTrainer) "
+            f"needs CUDA and MODEL.DEVICE is {cfg.MODEL.DEVICE!r}. Set SOLVER.AMP.ENABLED False "
+            "for CPU training."
+        )
     # On CPU (MODEL.DEVICE cpu), --num-gpus is the number of processes (gloo): any number works.
     gpus = torch.cuda.device_count() if cuda else 0
     if cfg.MODEL.DEVICE.startswith("cuda") and num_gpus > 1 and num_gpus > gpus:
