@@ -3,12 +3,23 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
+from training_runs import (
+    assert_no_traceback,
+    cached_run,
+    losses,
+    model_weights,
+    positioned_batches,
+    train_net,
+)
 
-from nl_detectron.engine.distributed import launch
+from nl_detectron.engine import UserInputError
+from nl_detectron.engine.distributed import _ReportUserErrors, launch
 from nl_detectron.sync_batch_norm import SyncBatchNorm
 
 # Per-process batch sizes of the SyncBN check: unequal, and one process without any element.
@@ -61,6 +72,7 @@ def _sync_bn_worker(out_dir: str) -> None:
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
 def test_sync_batch_norm_across_cpu_processes_equals_batch_norm_of_the_whole_batch(tmp_path):
     launch(_sync_bn_worker, 2, dist_url="auto", backend="gloo", args=(str(tmp_path),))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -90,6 +102,16 @@ def test_sync_batch_norm_across_cpu_processes_equals_batch_norm_of_the_whole_bat
                 assert int(g["num_batches_tracked"]) == 2
 
 
+def test_processes_share_out_the_single_process_batches():
+    single = positioned_batches(1, 0, 4)
+    shards = [positioned_batches(2, r, 2) for r in range(2)]
+    for i, batch in enumerate(single):
+        # The same images at the same positions (so with the same augmentation) in iteration i.
+        assert sorted(shards[0][i] + shards[1][i]) == sorted(batch)
+    positions = [p for batch in single for p, _ in batch]
+    assert positions == list(range(len(positions)))  # positions in the global sequence
+
+
 def test_sync_batch_norm_is_batch_norm_in_one_process():
     x = torch.randn(4, 6, 3, 3)
     sync, plain = SyncBatchNorm(6), nn.BatchNorm2d(6)
@@ -97,3 +119,84 @@ def test_sync_batch_norm_is_batch_norm_in_one_process():
     torch.testing.assert_close(sync.running_var, plain.running_var)
     sync.eval(), plain.eval()
     torch.testing.assert_close(sync(x), plain(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# tools/train_net.py: two CPU processes against one with the same total batch (4 images).
+
+# Settings under which the per-process loss normalisation equals the whole batch's (see
+# docs/distributed.md): every anchor and proposal sampled, no ground truth appended to the
+# proposals (so every process has 32 RoIs per image), the keypoint loss normalised per image, no
+# mask head (its loss is a mean over each process's RoIs), and no aspect-ratio grouping (so the
+# two per-process batches of an iteration form the single-process batch).
+EQUIVALENT = (
+    *("DATALOADER.ASPECT_RATIO_GROUPING", "False", "MODEL.MASK_ON", "False"),
+    *("MODEL.RPN.BATCH_SIZE_PER_IMAGE", "1024", "MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE", "128"),
+    *("MODEL.ROI_HEADS.POSITIVE_FRACTION", "1.0", "MODEL.ROI_HEADS.PROPOSAL_APPEND_GT", "False"),
+    *("MODEL.ROI_KEYPOINT_HEAD.NORMALIZE_LOSS_BY_VISIBLE_KEYPOINTS", "False"),
+    *("SOLVER.MAX_ITER", "3"),
+)
+
+
+def _assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Equal up to float32 rounding: relative difference below 1e-3 (tensors that are still ~0
+    after three iterations, e.g. biases of 1e-11, by an absolute 1e-9)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        x, y = a[name].double(), b[name].double()
+        difference, size = (x - y).norm().item(), x.norm().item()
+        assert difference <= max(1e-3 * size, 1e-9), (name, difference, size)
+
+
+@pytest.mark.slow
+def test_train_net_with_two_cpu_processes_matches_one_process(tmp_path):
+    one, _ = cached_run(*EQUIVALENT)
+    two = tmp_path / "two"
+    proc = train_net("--num-gpus", "2", "--dist-url", "auto", *EQUIVALENT, "OUTPUT_DIR", str(two))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert_no_traceback(proc)
+    log = (two / "log.txt").read_text()
+    assert "Rank of current process: 0. World size: 2" in log
+    assert "all 164 parameters are identical in the 2 processes" in log
+
+    last_one, last_two = losses(one)[2], losses(two)[2]
+    assert last_two == pytest.approx(last_one, rel=1e-5)
+    weights_one = model_weights(one / "model_final.pth")
+    weights_two = model_weights(two / "model_final.pth")
+    _assert_close_weights(weights_one, weights_two)
+    # The non-local blocks trained (their norms left zero) and their SyncBN statistics, computed
+    # over both processes, are those of the single process's batch.
+    non_local = {k: v for k, v in weights_one.items() if ".non_local_" in k}
+    assert any(k.endswith("out_norm.weight") and v.abs().max() > 0 for k, v in non_local.items())
+    _assert_close_weights(non_local, {k: weights_two[k] for k in non_local})
+
+
+# ------------------------------------------------------------------------------------------------
+# launch() arguments and worker errors, without starting processes.
+
+
+def test_dist_url_auto_is_refused_on_several_machines():
+    with pytest.raises(
+        UserInputError, match=r"--dist-url auto .* only works with --num-machines 1"
+    ):
+        launch(print, 2, num_machines=2, machine_rank=0, dist_url="auto", backend="gloo")
+
+
+def test_busy_local_port_is_refused_with_the_fix():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        url = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+        with pytest.raises(UserInputError, match=rf"--dist-url {url}: port \d+ is in use.*auto"):
+            launch(print, 2, dist_url=url, backend="gloo")
+
+
+def _fails() -> None:
+    raise UserInputError("Image x.png cannot be read.")
+
+
+def test_a_user_error_in_a_worker_is_printed_without_traceback(capsys):
+    with pytest.raises(SystemExit) as info:
+        _ReportUserErrors(_fails)()
+    assert info.value.code == 1
+    assert capsys.readouterr().err == "error (process 0 of 1): Image x.png cannot be read.\n"

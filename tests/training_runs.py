@@ -9,6 +9,7 @@ with ``SOLVER.MAX_ITER`` below its period of 20).
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import shutil
@@ -19,10 +20,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from detectron2.data.samplers import TrainingSampler
+
+from nl_detectron.engine.train_loader import _PositionedBatches
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny_shapes.yaml"
 TRAIN_NET = REPO / "tools" / "train_net.py"
+# The reference run of the reproducibility tests: checkpoints after iterations 1 and 3, and
+# model_final (iteration 3).
+REFERENCE_RUN = ("SOLVER.MAX_ITER", "4", "SOLVER.CHECKPOINT_PERIOD", "2")
 LOSS_KEYS = (
     "loss_cls",
     "loss_box_reg",
@@ -113,3 +120,20 @@ def non_local_weights(path: Path) -> dict[str, torch.Tensor]:
 def assert_no_traceback(proc: subprocess.CompletedProcess) -> None:
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stdout, proc.stdout[-3000:]
+
+
+def positioned_batches(
+    world_size: int,
+    rank: int,
+    batch_size: int,
+    *,
+    group_ids: Optional[list[int]] = None,
+    start: int = 0,
+    count: int = 12,
+) -> list[list[tuple[int, int]]]:
+    """The first ``count`` training batches, as ``(position, index)`` pairs, that process
+    ``rank`` of ``world_size`` gets from a 10-image dataset (seed 3), from batch ``start`` on."""
+    sampler = TrainingSampler(10, seed=3)
+    sampler._rank, sampler._world_size = rank, world_size
+    batches = _PositionedBatches(sampler, batch_size, group_ids, start, rank, world_size)
+    return list(itertools.islice(batches, count))
