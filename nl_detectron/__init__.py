@@ -1,8 +1,10 @@
 """nl_detectron: Non-local Neural Networks (Wang et al., CVPR 2018) for Detectron2.
 
-Importing the package registers its backbones, heads and datasets with Detectron2's registries.
+Importing the package registers its backbones, heads and the bundled datasets with Detectron2's
+registries (the datasets are generated lazily, the first time they are loaded).
 """
 
+from . import data  # noqa: F401  (registers nl_shapes_train / nl_shapes_val)
 from .config import add_nonlocal_config
 from .keypoint_head import NonLocalKRCNNConvDeconvUpsampleHead
 from .mask_head import NonLocalMaskRCNNConvUpsampleHead
@@ -11,8 +13,8 @@ from .non_local_resnet import build_non_local_resnet_backbone, build_non_local_r
 
 __version__ = "0.1.0"
 
-__all__ = ["NonLocalBlock"]
-__all__ += [
+__all__ = [
+    "NonLocalBlock",
     "NonLocalKRCNNConvDeconvUpsampleHead",
     "NonLocalMaskRCNNConvUpsampleHead",
     "add_nonlocal_config",
