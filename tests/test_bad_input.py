@@ -221,6 +221,7 @@ def test_keypoints_outside_the_image_are_marked_unlabelled_with_a_warning(caplog
             r"8 of the 8 annotations of 'test' are invalid.*bbox_mode",
         ),
         ({"category_id": 3}, r"category id outside 0\.\.2 \(MODEL\.ROI_HEADS\.NUM_CLASSES 3\)"),
+        ({"segmentation": None}, r"8 without a valid polygon or RLE mask.*MODEL\.MASK_ON False"),
         ({"keypoints": [1.0, 2.0, 2]}, r"do not have 4 keypoints \(x, y, v: 12 values\)"),
     ],
 )

@@ -243,11 +243,17 @@ def check_dataset_dicts(
         )
     invalid = len(dropped_boxes) + len(dropped_masks)
     if total_annotations and invalid > MAX_INVALID_FRACTION * total_annotations:
+        hints = []
+        if dropped_boxes:
+            hints.append("check bbox_mode (XYWH vs XYXY) and that boxes are in pixels of the image")
+        if dropped_masks:
+            hints.append("a dataset without instance masks needs MODEL.MASK_ON False")
         raise DataInputError(
-            f"{invalid} of the {total_annotations} annotations of {where} are invalid (boxes "
-            f"of zero size or outside the image, polygons with fewer than 3 points): "
+            f"{invalid} of the {total_annotations} annotations of {where} are invalid "
+            f"({len(dropped_boxes)} with a box of zero size or outside the image, "
+            f"{len(dropped_masks)} without a valid polygon or RLE mask): "
             f"{_examples(dropped_boxes + dropped_masks)}. That many is a systematic error: "
-            "check bbox_mode (XYWH vs XYXY) and that coordinates are in pixels of the image."
+            f"{'; '.join(hints)}."
         )
     if total_keypoints and len(outside_keypoints) > MAX_INVALID_FRACTION * total_keypoints:
         raise DataInputError(
