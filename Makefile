@@ -30,6 +30,7 @@ test: $(READY) lint
 
 demo: $(READY)
 	$(PY) tools/train_net.py --config-file configs/quickstart/mask_rcnn_nl_shapes.yaml OUTPUT_DIR output/demo
+	$(PY) tools/demo_figures.py output/demo --output output/demo
 
 benchmark: $(READY)
 	$(PY) benchmarks/benchmark_non_local_block.py
