@@ -7,14 +7,15 @@ the NonLocalBlock it is compared with and gets the same inputs.
     python benchmarks/benchmark_non_local_block.py                  # res4 and res3, 5 repeats
     python benchmarks/benchmark_non_local_block.py --quick          # small smoke run
     python benchmarks/benchmark_non_local_block.py --device cuda
+    python benchmarks/benchmark_non_local_block.py --clock cpu      # on a shared CPU
 
-Time: median and minimum over ``--repeats`` runs after one warm-up, the blocks alternating (the
-minimum is the less disturbed figure where other processes share the machine). Peak memory:
-on CPU each measurement runs in a fresh child process and reports the growth of its peak
-resident set size (``VmHWM``, reset through ``/proc/self/clear_refs``) over the resident size
-just before the run, i.e. everything the forward and backward pass allocate beyond the block's
-weights, the input and the output gradient; on CUDA, ``torch.cuda.max_memory_allocated`` over
-the allocated memory before the run.
+Time (wall clock, or CPU time of this process with ``--clock cpu``): median and minimum over
+``--repeats`` runs after one warm-up, the blocks alternating (the minimum is the less disturbed
+figure where other processes share the machine). Peak memory: on CPU each measurement runs in a
+fresh child process and reports the growth of its peak resident set size (``VmHWM``, reset
+through ``/proc/self/clear_refs``) over the resident size just before the run, i.e. everything
+the forward and backward pass allocate beyond the block's weights, the input and the output
+gradient; on CUDA, ``torch.cuda.max_memory_allocated`` over the allocated memory before the run.
 """
 
 import argparse
@@ -162,12 +163,17 @@ def forward_backward(module: nn.Module, x: Tensor, grad: Tensor) -> None:
     module(x).backward(grad)
 
 
+# time.perf_counter (wall clock) or time.process_time (CPU seconds of all threads of this process;
+# on a CPU shared with other jobs it counts the work done rather than the time spent waiting).
+CLOCK: Callable[[], float] = time.perf_counter
+
+
 def timed(fn: Callable[[], object], device: str) -> float:
     synchronize(device)
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
     synchronize(device)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def alternate(
@@ -318,12 +324,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (median)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="small sizes, 2 repeats")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=["wall", "cpu"],
+        help="wall: elapsed time; cpu: CPU time of this process (CPU only, for a shared machine)",
+    )
     parser.add_argument("--max-naive-gb", type=float, default=8.0, help="skip larger naive runs")
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         measure_memory_child(*args.memory_child)
         return
+    global CLOCK
+    if args.clock == "cpu":
+        if args.device != "cpu":
+            parser.error("--clock cpu measures CPU time: use it with --device cpu")
+        CLOCK = time.process_time
     sizes = ["quick"] if args.quick else args.sizes.split(",")
     repeats = 2 if args.quick else args.repeats
     pairwise_list = args.pairwise.split(",")
@@ -331,7 +348,8 @@ def main() -> None:
     print(
         f"# NonLocalBlock benchmark, {datetime.date.today()}: torch {torch.__version__}, "
         f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else cpu_name()}), "
-        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, median of {repeats}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.clock} clock, "
+        f"{repeats} repeats, "
         f"load average {load_average()}"
     )
 

@@ -71,6 +71,33 @@ def _matrix(conv_weight: Tensor) -> Tensor:
     return conv_weight.flatten(1)
 
 
+def _pointwise(weight: Tensor, bias: Optional[Tensor], flat: Tensor) -> Tensor:
+    """A 1x1(x1) convolution as one matrix product: ``(N, C_in, L) -> (N, C_out, L)``.
+
+    Also accepts ``flat`` as a transposed view. On CPU this runs at about twice the speed of
+    the equivalent ``conv2d`` and keeps every tensor, and every gradient, channels-first like x.
+    """
+    # (C_out, C_in) -> (N, C_out, C_in), a view: a batched product copies neither operand
+    # (torch.matmul would fold the batch into a transposed copy of flat)
+    weight = _matrix(weight).expand(flat.shape[0], -1, -1)
+    if bias is None:
+        return torch.bmm(weight, flat)
+    # (C_out, 1) + (N, C_out, C_in) @ (N, C_in, L) -> (N, C_out, L)
+    return torch.baddbmm(bias[:, None], weight, flat)
+
+
+def _rows(t: Tensor, width: int) -> Tensor:
+    """Channels-first to rows, zero-padded to ``width`` channels: ``(N, C, L) -> (N, L, width)``.
+
+    Contiguous, as fused attention needs a unit stride along the channels.
+    """
+    # (N, C, L) -> (N, L, C)
+    rows = t.transpose(1, 2)
+    if rows.shape[2] < width:
+        rows = F.pad(rows, [0, width - rows.shape[2]])
+    return rows.contiguous()
+
+
 def _make_norm(norm: Optional[str], channels: int, dim: int) -> Optional[nn.Module]:
     """The norm after ``W_z`` (paper Sec. 4.1: BN with gamma initialised to 0), or None."""
     if norm is None or norm == "":
@@ -125,7 +152,7 @@ class NonLocalBlock(CNNBlockBase):
     ``concat_project`` (w_f of the concatenation form, else None), ``out_conv`` (W_z) and
     ``out_norm`` (None without a norm). The 1x1 convolutions are stored as ``nn.Conv{1,2,3}d``
     (the usual checkpoint layout) but applied as matrix products over the flattened positions,
-    which is the same arithmetic and faster on CPU; their forward hooks therefore do not run.
+    the same arithmetic and faster on CPU; their forward hooks therefore do not run.
     """
 
     def __init__(
@@ -206,21 +233,17 @@ class NonLocalBlock(CNNBlockBase):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, *S) -> (N, C, *S)``: ``x + norm(W_z y)`` with y of Eq. 1."""
         self._check_input(x)
-        spatial = list(x.shape[2:])
-        # (N, C, *S) -> (N, C, HW) -> (N, HW, C): one row per position, so that every 1x1 conv
-        # is a single dense matrix product (faster on CPU than the equivalent 1x1 convolution)
-        rows = x.flatten(2).transpose(1, 2).contiguous()
-        keys, values, _ = self._keys_values(rows, spatial)
-        if self.pairwise == "dot_product":
-            y = self._dot_product(rows, keys, values)
-        elif self.pairwise == "concatenation":
-            y = self._concatenation(rows, keys, values)
+        # (N, C, *S) -> (N, C, HW), a view
+        flat = x.flatten(2)
+        keys, values, _ = self._keys_values(x, flat)
+        if self.pairwise == "concatenation":
+            y = self._concatenation(self._concat_query_terms(flat), keys, values)
+        elif self.pairwise == "dot_product":
+            y = self._dot_product(self._queries(flat), keys, values)
         else:
-            y = self._softmax(rows, keys, values)
-        # W_z: (N, HW, C') -> (N, HW, C)
-        z = F.linear(y.to(x.dtype), _matrix(self.out_conv.weight), self.out_conv.bias)
-        # (N, HW, C) -> (N, C, HW) -> (N, C, *S), a channels-last view the norms accept
-        z = z.transpose(1, 2).reshape([x.shape[0], x.shape[1]] + spatial)
+            y = self._softmax(self._queries(flat), keys, values)
+        # W_z: (N, C', HW) -> (N, C, HW) -> (N, C, *S)
+        z = _pointwise(self.out_conv.weight, self.out_conv.bias, y.to(x.dtype)).view(x.shape)
         if self.out_norm is not None:
             if (
                 x.shape[0] == 0
@@ -232,7 +255,10 @@ class NonLocalBlock(CNNBlockBase):
                 z = z + 0.0 * (self.out_norm.weight.sum() + self.out_norm.bias.sum())
             else:
                 z = self.out_norm(z)
-        return x + z
+        if z.dtype != x.dtype:  # autocast
+            return x + z
+        # In place: neither the norm nor W_z keeps its output for the backward pass.
+        return z.add_(x)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != self.dim + 2:
@@ -248,117 +274,109 @@ class NonLocalBlock(CNNBlockBase):
         return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
     # ----------------------------------------------------------------------------------------
-    # Embeddings, on rows = x as (N, HW, C): batch N, HW query positions (all of *S), M key
-    # positions after sub-sampling, C' inner channels.
+    # Embeddings, channels first like x: (N, C, HW) with batch N, HW query positions (all of
+    # *S), M key positions after sub-sampling, C' inner channels.
 
-    def _queries(self, rows: Tensor) -> Tensor:
-        """theta(x_i), or x_i for the Gaussian form: ``(N, HW, C) -> (N, HW, C')``."""
+    def _queries(self, flat: Tensor) -> Tensor:
+        """theta(x_i), or x_i for the Gaussian form: ``(N, C, HW) -> (N, C', HW)``."""
         if self.theta is None:
-            return rows
-        return F.linear(rows, _matrix(self.theta.weight), self.theta.bias)
+            return flat
+        return _pointwise(self.theta.weight, self.theta.bias, flat)
 
-    def _keys_values(self, rows: Tensor, spatial: list[int]) -> tuple[Tensor, Tensor, list[int]]:
+    def _keys_values(self, x: Tensor, flat: Tensor) -> tuple[Tensor, Tensor, list[int]]:
         """Sub-sampled phi(x_j) (x_j for the Gaussian form) and g(x_j).
 
-        ``(N, HW, C) -> (N, M, C'), (N, M, C')`` and the sub-sampled grid ``S'``,
+        ``(N, C, *S), (N, C, HW) -> (N, C', M), (N, C', M)`` and the sub-sampled grid ``S'``,
         ``M = prod(S')``.
         """
         if self.phi is None:
-            keys = rows
-            values = F.linear(rows, _matrix(self.g.weight), self.g.bias)
+            # (N, C', HW) -> (N, C', *S)
+            values = _pointwise(self.g.weight, self.g.bias, flat).view(
+                [x.shape[0], self.inner_channels] + list(x.shape[2:])
+            )
+            keys = x
             if self.sub_sample:
-                keys, _ = self._pool(keys, spatial)
-                values, spatial = self._pool(values, spatial)
-            return keys, values, spatial
-        # phi and g in one product: (N, HW, C) -> (N, HW, 2C')
-        weight = torch.cat([_matrix(self.phi.weight), _matrix(self.g.weight)])
+                keys, values = self._pool(keys), self._pool(values)
+            # (N, C, *S') -> (N, C, M)
+            return keys.flatten(2), values.flatten(2), list(values.shape[2:])
+        # phi and g in one product: (N, C, HW) -> (N, 2C', HW) -> (N, 2C', *S)
         phi_bias, g_bias = self.phi.bias, self.g.bias
         assert phi_bias is not None and g_bias is not None
-        bias = torch.cat([phi_bias, g_bias])
-        both = F.linear(rows, weight, bias)
+        weight = torch.cat([self.phi.weight, self.g.weight])
+        both = _pointwise(weight, torch.cat([phi_bias, g_bias]), flat)
+        both = both.view([x.shape[0], 2 * self.inner_channels] + list(x.shape[2:]))
         if self.sub_sample:
-            both, spatial = self._pool(both, spatial)
-        # (N, M, 2C') -> (N, M, C') x 2
-        return both[:, :, : self.inner_channels], both[:, :, self.inner_channels :], spatial
+            both = self._pool(both)
+        key_shape = list(both.shape[2:])
+        # (N, 2C', *S') -> (N, 2C', M) -> (N, C', M) x 2
+        both = both.flatten(2)
+        return both[:, : self.inner_channels], both[:, self.inner_channels :], key_shape
 
-    def _pool(self, rows: Tensor, spatial: list[int]) -> tuple[Tensor, list[int]]:
-        """Max-pool by 2 (1D), 2x2 (2D), 1x2x2 (3D), ceil mode: ``(N, HW, C) -> (N, M, C)``.
-
-        Runs as a 2D pooling on a channels-last view: the 1D grid as ``1 x L``, the 3D grid with
-        its time axis (window 1) folded into the batch.
-        """
-        n, c = rows.shape[0], rows.shape[2]
+    def _pool(self, t: Tensor) -> Tensor:
+        """Max-pool by 2 (1D), 2x2 (2D) or 1x2x2 (3D), ceil mode (partial windows kept)."""
         if self.dim == 1:
-            grid = [n, 1, spatial[0], c]
-            window = [1, 2]
-        elif self.dim == 2:
-            grid = [n, spatial[0], spatial[1], c]
-            window = [2, 2]
-        else:
-            grid = [n * spatial[0], spatial[1], spatial[2], c]
-            window = [2, 2]
-        # (N, HW, C) -> (N', H, W, C) -> (N', C, H, W), channels-last strides
-        pooled = F.max_pool2d(rows.reshape(grid).permute(0, 3, 1, 2), window, window, 0, 1, True)
-        h, w = pooled.shape[2], pooled.shape[3]
-        pooled_spatial = [w] if self.dim == 1 else [h, w] if self.dim == 2 else [spatial[0], h, w]
-        m = h * w * (spatial[0] if self.dim == 3 else 1)
-        # (N', C, H', W') -> (N', H', W', C) -> (N, M, C)
-        return pooled.permute(0, 2, 3, 1).reshape(n, m, c), pooled_spatial
+            return F.max_pool1d(t, 2, 2, 0, 1, True)
+        if self.dim == 2:
+            return F.max_pool2d(t, 2, 2, 0, 1, True)
+        return F.max_pool3d(t, [1, 2, 2], [1, 2, 2], 0, 1, True)
 
-    def _concat_terms(self, rows: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """Split ``w_f^T [theta_i, phi_j] = a_i + b_j``; returns a ``(N, HW)`` and b ``(N, M)``.
+    def _concat_query_terms(self, flat: Tensor) -> Tensor:
+        """``a_i = w_1^T theta(x_i)`` of ``w_f^T [theta_i, phi_j] = a_i + b_j``: ``(N, HW)``.
 
-        ``a = w_1^T theta(x)`` is computed from x directly with the folded weight
-        ``w_1^T W_theta`` (one output channel instead of C'), in float32 for half inputs.
+        Computed from x with the folded weight ``w_1^T W_theta`` (one output channel instead of
+        C'), in float32 for half inputs.
         """
         assert self.concat_project is not None and self.theta is not None
         theta_bias = self.theta.bias
         assert theta_bias is not None
-        w = _upcast(self.concat_project.weight.flatten())
-        w_theta, w_phi = w[: self.inner_channels], w[self.inner_channels :]
+        w_theta = _upcast(self.concat_project.weight.flatten()[: self.inner_channels])
         # (C') @ (C', C) -> (C)
         w_a = w_theta @ _upcast(_matrix(self.theta.weight))
-        # (N, HW, C) @ (C) -> (N, HW)
-        a = _upcast(rows) @ w_a + w_theta @ _upcast(theta_bias)
-        # (N, M, C') @ (C') -> (N, M)
-        b = _upcast(keys) @ w_phi
-        return a, b
+        # (C) -> (N, 1, C); (N, 1, C) @ (N, C, HW) -> (N, 1, HW) -> (N, HW)
+        a = torch.bmm(w_a.expand(flat.shape[0], 1, -1), _upcast(flat))[:, 0]
+        return a + w_theta @ _upcast(theta_bias)
+
+    def _concat_key_terms(self, keys: Tensor) -> Tensor:
+        """``b_j = w_2^T phi(x_j)``: ``(N, C', M) -> (N, M)``, float32 for half inputs."""
+        assert self.concat_project is not None
+        w_phi = _upcast(self.concat_project.weight.flatten()[self.inner_channels :])
+        # (C') -> (N, 1, C'); (N, 1, C') @ (N, C', M) -> (N, 1, M) -> (N, M)
+        return torch.bmm(w_phi.expand(keys.shape[0], 1, -1), _upcast(keys))[:, 0]
 
     # ----------------------------------------------------------------------------------------
-    # Pairwise functions (Sec. 3.2). Each maps rows (N, HW, C), keys (N, M, Ck) and values
-    # (N, M, C') to y (N, HW, C'), with the normalisation C(x) applied.
+    # Pairwise functions (Sec. 3.2). Each maps the queries (N, Cq, HW), keys (N, Ck, M) and
+    # values (N, C', M) to y (N, C', HW), with the normalisation C(x) applied.
 
-    def _softmax(self, rows: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        """Embedded Gaussian and Gaussian: ``y = softmax_j(scale * q_i^T k_j) g_j``.
+    def _softmax(self, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Embedded Gaussian and Gaussian: ``y_i = sum_j softmax_j(scale * q_i^T k_j) g_j``.
 
         Fused attention never stores the ``HW x M`` map and accumulates the logits in float32 for
         half inputs (no fp16 overflow). Its fused kernels need equal query and value widths, so
         the narrower side is zero-padded (which changes neither logits nor values).
         """
-        q = self._queries(rows)
-        width = max(q.shape[2], values.shape[2])
-        v = F.pad(values, [0, width - values.shape[2]])
-        q = F.pad(q, [0, width - q.shape[2]])
-        k = F.pad(keys, [0, width - keys.shape[2]])
-        # (N, HW, C') -> (N, 1, HW, C'): a single attention head
-        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], scale=self.scale)
-        # (N, 1, HW, C') -> (N, HW, C')
-        return y[:, 0, :, : values.shape[2]]
+        width = max(queries.shape[1], values.shape[1])
+        # (N, C', L) -> (N, 1, L, width): one attention head, positions as rows
+        q = _rows(queries, width)[:, None]
+        k = _rows(keys, width)[:, None]
+        v = _rows(values, width)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        # (N, 1, HW, width) -> (N, HW, C') -> (N, C', HW)
+        return y[:, 0, :, : values.shape[1]].transpose(1, 2)
 
-    def _dot_product(self, rows: Tensor, keys: Tensor, values: Tensor) -> Tensor:
-        """Dot product: ``y = theta (phi^T g) / M``, the reassociated ``(theta phi^T / M) g``.
+    def _dot_product(self, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """Dot product: ``y = (phi^T g)^T theta / M``, the reassociated ``g (phi^T theta) / M``.
 
-        Each factor gets ``M ** -0.5`` so that ``phi^T g`` is an average and cannot overflow
-        fp16 even where autocast keeps the matmul in half precision.
+        Each factor of ``phi^T g`` gets ``M ** -0.5``, so that it is an average and cannot
+        overflow fp16 even where autocast keeps the product in half precision.
         """
-        q, k, v = _upcast(self._queries(rows)), _upcast(keys), _upcast(values)
-        norm = keys.shape[1] ** -0.5
-        # (N, M, C')^T @ (N, M, C') -> (N, C', C')
-        kv = (k * norm).transpose(1, 2) @ (v * norm)
-        # (N, HW, C') @ (N, C', C') -> (N, HW, C')
-        return q @ kv
+        q, k, v = _upcast(queries), _upcast(keys), _upcast(values)
+        norm = k.shape[2] ** -0.5
+        # (N, C', M) @ (N, M, C') -> (N, C', C'): sum_j phi_j g_j^T / M
+        kv = (k * norm) @ (v * norm).transpose(1, 2)
+        # (N, C', C')^T @ (N, C', HW) -> (N, C', HW)
+        return kv.transpose(1, 2) @ q
 
-    def _concatenation(self, rows: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+    def _concatenation(self, a: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """Concatenation: ``y_i = 1/M sum_j ReLU(a_i + b_j) g_j`` without the ``HW x M`` map.
 
         With the keys sorted by b, the j that pass the ReLU for query i are a suffix, those with
@@ -366,8 +384,9 @@ class NonLocalBlock(CNNBlockBase):
         ``S_bg(k)`` are the sums of ``g_j`` and ``b_j g_j`` over sorted keys ``k..M-1`` and
         ``k_i`` is found by binary search. Differentiable in a, b and g; float32 for half inputs.
         """
-        a, b = self._concat_terms(rows, keys)
-        v = _upcast(values)
+        b = self._concat_key_terms(keys)
+        # (N, C', M) -> (N, M, C')
+        v = _upcast(values).transpose(1, 2)
         m, width = v.shape[1], v.shape[2]
         b_sorted, order = b.sort(dim=1)
         # (N, M) -> (N, M, C'): g reordered like the sorted b
@@ -380,7 +399,9 @@ class NonLocalBlock(CNNBlockBase):
         first = torch.searchsorted(b_sorted, -a, right=True)
         # (N, HW) -> (N, HW, 2C'): suffix sums from each query's first passing key
         sums = suffix.gather(1, first.unsqueeze(2).expand(-1, -1, 2 * width))
-        return (a.unsqueeze(2) * sums[:, :, :width] + sums[:, :, width:]) / m
+        y = (a.unsqueeze(2) * sums[:, :, :width] + sums[:, :, width:]) / m
+        # (N, HW, C') -> (N, C', HW)
+        return y.transpose(1, 2)
 
     # ----------------------------------------------------------------------------------------
 
@@ -396,22 +417,20 @@ class NonLocalBlock(CNNBlockBase):
             A ``(N, Q, M)`` tensor (float32 for half inputs), one row per query over the M key
             positions (softmax rows for the Gaussian forms, which sum to 1; ``f / M`` for the
             other two), and the key grid ``S'`` as a list (``M = prod(S')``; sub-sampled when
-            ``sub_sample``).
-            Only these Q rows are computed, never the full map.
+            ``sub_sample``). Only these Q rows are computed, never the full map.
         """
         self._check_input(x)
-        query_index = query_index.to(device=x.device, dtype=torch.long)
-        # (N, C, *S) -> (N, C, HW) -> (N, HW, C)
-        rows = x.flatten(2).transpose(1, 2).contiguous()
-        keys, _, key_shape = self._keys_values(rows, list(x.shape[2:]))
-        m = keys.shape[1]
+        # (N, C, *S) -> (N, C, HW) -> (N, C, Q)
+        flat = x.flatten(2)
+        chosen = flat[:, :, query_index.to(device=x.device, dtype=torch.long)]
+        keys, _, key_shape = self._keys_values(x, flat)
+        m = keys.shape[2]
         if self.pairwise == "concatenation":
-            a, b = self._concat_terms(rows[:, query_index], keys)
+            a, b = self._concat_query_terms(chosen), self._concat_key_terms(keys)
             # (N, Q, 1) + (N, 1, M) -> (N, Q, M)
             return F.relu(a[:, :, None] + b[:, None, :]) / m, key_shape
-        q = _upcast(self._queries(rows[:, query_index]))
-        # (N, Q, C') @ (N, C', M) -> (N, Q, M)
-        logits = q @ _upcast(keys).transpose(1, 2)
+        # (N, C', Q)^T @ (N, C', M) -> (N, Q, M)
+        logits = _upcast(self._queries(chosen)).transpose(1, 2) @ _upcast(keys)
         if self.pairwise == "dot_product":
             return logits / m, key_shape
         return torch.softmax(logits * self.scale, dim=2), key_shape
