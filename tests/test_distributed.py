@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -157,7 +158,7 @@ def test_train_net_with_two_cpu_processes_matches_one_process(tmp_path):
     assert_no_traceback(proc)
     log = (two / "log.txt").read_text()
     assert "Rank of current process: 0. World size: 2" in log
-    assert "all 164 parameters are identical in the 2 processes" in log
+    assert re.search(r"all \d+ parameters are identical in the 2 processes", log)
 
     last_one, last_two = losses(one)[2], losses(two)[2]
     assert last_two == pytest.approx(last_one, rel=1e-5)
