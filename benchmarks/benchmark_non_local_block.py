@@ -248,34 +248,39 @@ def matmul_gflops(device: str, repeats: int, n: int = 2048) -> float:
 
 
 def core_gflops(pairwise: str, size: Size, device: str, repeats: int) -> dict[str, Optional[float]]:
-    """GFLOP/s of the pairwise computation alone (y from theta, phi, g), forward, no grad."""
+    """GFLOP/s of the pairwise computation alone (y from theta, phi, g), forward, no grad.
+
+    Counts the arithmetic the result needs (for ours, without the zero padding of the Gaussian
+    form's values).
+    """
     block = make_block(pairwise, size, device).eval()
     naive = NaiveNonLocal(block, concat="split")
     x = torch.randn(size.shape(), device=device)
     with torch.no_grad():
-        # (N, C, H, W) -> (N, C, HW) -> (N, HW, C)
-        rows = x.flatten(2).transpose(1, 2).contiguous()
-        keys, values, _ = block._keys_values(rows, [size.height, size.width])
-        queries = block._queries(rows)
-        # (N, HW or M, C') -> (N, C', HW or M), contiguous as in the naive block
-        theta, phi = queries.transpose(1, 2).contiguous(), keys.transpose(1, 2).contiguous()
-        core = {
-            "embedded_gaussian": block._softmax,
-            "gaussian": block._softmax,
-            "dot_product": block._dot_product,
-            "concatenation": block._concatenation,
-        }[pairwise]
-        m = keys.shape[1]
+        # (N, C, H, W) -> (N, C, HW)
+        flat = x.flatten(2)
+        keys, values, _ = block._keys_values(x, flat)  # (N, Ck, M), (N, C', M)
+        theta = block._queries(flat)  # (N, Cq, HW)
+        if pairwise == "concatenation":
+            queries, core = block._concat_query_terms(flat), block._concatenation
+        elif pairwise == "dot_product":
+            queries, core = theta, block._dot_product
+        else:
+            queries, core = theta, block._softmax
+        # (N, C', M) -> (N, M, C'), contiguous as in the naive block
+        g = values.transpose(1, 2).contiguous()
+        phi = keys.contiguous()
+        m = keys.shape[2]
         times = alternate(
             {
-                "ours": lambda: core(rows, keys, values),
-                "naive": lambda: naive.pairwise_map(theta, phi, m) @ values,
+                "ours": lambda: core(queries, keys, values),
+                "naive": lambda: naive.pairwise_map(theta, phi, m) @ g,
             },
             repeats,
             device,
         )
     seconds = {name: statistics.median(ts) for name, ts in times.items()}
-    batch, n, cq, cv = size.batch, rows.shape[1], keys.shape[2], values.shape[2]
+    batch, n, cq, cv = size.batch, flat.shape[2], keys.shape[1], values.shape[1]
     naive_flops = 2 * batch * n * m * (cq + cv)
     if pairwise in ("embedded_gaussian", "gaussian"):
         ours_flops: Optional[int] = naive_flops
@@ -440,9 +445,10 @@ def main() -> None:
 
     print(f"\n## Attention core alone (forward, no_grad), {inference_size}\n")
     gflops = matmul_gflops(device, repeats)
-    print(f"Plain fp32 matmul (2048^3) on this machine: {gflops:.0f} GFLOP/s")
+    rate = "GFLOP per CPU-second" if args.clock == "cpu" else "GFLOP/s"
+    print(f"Plain fp32 matmul (2048^3) on this machine: {gflops:.0f} {rate}")
     print()
-    print("| pairwise | ours (s) | ours GFLOP/s | naive (s) | naive GFLOP/s |")
+    print(f"| pairwise | ours (s) | ours {rate} | naive (s) | naive {rate} |")
     print("|---|---|---|---|---|")
     for pairwise in pairwise_list:
         r = core_gflops(pairwise, size, device, repeats)

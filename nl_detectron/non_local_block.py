@@ -242,23 +242,40 @@ class NonLocalBlock(CNNBlockBase):
             y = self._dot_product(self._queries(flat), keys, values)
         else:
             y = self._softmax(self._queries(flat), keys, values)
-        # W_z: (N, C', HW) -> (N, C, HW) -> (N, C, *S)
-        z = _pointwise(self.out_conv.weight, self.out_conv.bias, y.to(x.dtype)).view(x.shape)
-        if self.out_norm is not None:
-            if (
-                x.shape[0] == 0
-                and self.training
-                and self._batch_norm
-                and not (self._sync_norm and self._synchronising())
-            ):
-                # Keep gamma and beta in the autograd graph (zero gradients) for DDP.
-                z = z + 0.0 * (self.out_norm.weight.sum() + self.out_norm.bias.sum())
-            else:
-                z = self.out_norm(z)
+        z = self._output(y.to(x.dtype), list(x.shape))
         if z.dtype != x.dtype:  # autocast
             return x + z
         # In place: neither the norm nor W_z keeps its output for the backward pass.
         return z.add_(x)
+
+    def _output(self, y: Tensor, shape: list[int]) -> Tensor:
+        """``norm(W_z y)``: ``(N, C', HW) -> (N, C, *S)``, with ``shape`` x's shape.
+
+        A batch norm in eval mode is an affine map and is folded into ``W_z`` (one pass over the
+        output less). On an empty batch a training-mode batch norm has no statistics and is
+        skipped, except a SyncBN that synchronises, which must join the collective calls.
+        """
+        norm = self.out_norm
+        if norm is None:
+            return _pointwise(self.out_conv.weight, self.out_conv.bias, y).view(shape)
+        if not self.training and hasattr(norm, "running_var"):
+            mean, var, gamma, beta = norm.running_mean, norm.running_var, norm.weight, norm.bias
+            if mean is not None and var is not None and gamma is not None and beta is not None:
+                scale = gamma * torch.rsqrt(var + norm.eps)
+                # (C, C', 1...) -> (C, C'): rows of W_z scaled by the norm
+                weight = _matrix(self.out_conv.weight) * scale[:, None]
+                return _pointwise(weight, beta - mean * scale, y).view(shape)
+        # W_z: (N, C', HW) -> (N, C, HW) -> (N, C, *S)
+        z = _pointwise(self.out_conv.weight, self.out_conv.bias, y).view(shape)
+        if (
+            y.shape[0] == 0
+            and self.training
+            and self._batch_norm
+            and not (self._sync_norm and self._synchronising())
+        ):
+            # Keep gamma and beta in the autograd graph (zero gradients) for DDP.
+            return z + 0.0 * (norm.weight.sum() + norm.bias.sum())
+        return norm(z)
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() != self.dim + 2:

@@ -1,6 +1,8 @@
 """Tests of NonLocalBlock against a direct implementation of the paper's formula (Sec. 3)."""
 
+import importlib.util
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -276,11 +278,15 @@ def test_concatenation_ties_and_relu_boundary(pairwise):
 
 
 @pytest.mark.parametrize("pairwise", PAIRWISE)
-def test_torchscript(pairwise):
-    block = randomise(NonLocalBlock(8, pairwise=pairwise)).eval()
+@pytest.mark.parametrize("norm", ["BN", "GN", ""])
+def test_torchscript(pairwise, norm):
+    block = randomise(NonLocalBlock(32, pairwise=pairwise, norm=norm))
     scripted = torch.jit.script(block)
-    x = torch.randn(2, 8, 5, 3)
-    torch.testing.assert_close(scripted(x), block(x))
+    x = torch.randn(2, 32, 5, 3)
+    for training in (True, False):
+        block.train(training)
+        scripted.train(training)
+        torch.testing.assert_close(scripted(x), block(x))
     with pytest.raises(Exception, match=r"takes an input of shape \(N, C, H, W\)"):
         scripted(torch.randn(8, 5, 3))
 
@@ -398,3 +404,25 @@ def test_inputs_smaller_than_pool_window():
         x = torch.randn(1, 8, *([1] * dim))
         out = block(x)
         assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_non_local_block.py"
+    spec = importlib.util.spec_from_file_location("benchmark_non_local_block", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("pairwise", PAIRWISE)
+def test_benchmark_naive_block_computes_the_same(pairwise):
+    # The benchmark's timings and memory figures mean something only if both blocks agree.
+    bench = _load_benchmark()
+    block = randomise(NonLocalBlock(8, pairwise=pairwise)).double()
+    x = make_input(2, (5, 7))
+    for concat in ("pairs", "split"):
+        naive = bench.NaiveNonLocal(block, concat=concat)
+        torch.testing.assert_close(naive(x), block(x))
+    n, m = bench.SIZES["res3"].positions()
+    assert (n, m) == (16800, 4200)
+    assert bench.needed_bytes("naive", "concatenation", bench.SIZES["res3"]) > 8 * 2**30
