@@ -12,8 +12,9 @@ the NonLocalBlock it is compared with and gets the same inputs.
 Time (wall clock, or CPU time of this process with ``--clock cpu``): median and minimum over
 ``--repeats`` runs after one warm-up, the blocks alternating (the minimum is the less disturbed
 figure where other processes share the machine). Peak memory: on CPU each measurement runs in a
-fresh child process and reports the growth of its peak resident set size (``VmHWM``, reset
-through ``/proc/self/clear_refs``) over the resident size just before the run, i.e. everything
+fresh child process (with ``MALLOC_MMAP_THRESHOLD_=65536``, so that glibc returns freed tensor
+memory at once) and reports the growth of its peak resident set size (``VmHWM``, reset through
+``/proc/self/clear_refs``) over the resident size just before the run, i.e. everything
 the forward and backward pass allocate beyond the block's weights, the input and the output
 gradient; on CUDA, ``torch.cuda.max_memory_allocated`` over the allocated memory before the run.
 """
@@ -231,7 +232,9 @@ def peak_memory(impl: str, pairwise: str, size_name: str, device: str) -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
     cmd = [sys.executable, __file__, "--memory-child", impl, pairwise, size_name]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    # Tensors from mmap, so that freed memory leaves the resident set at once.
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
 
 
