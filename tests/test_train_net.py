@@ -73,11 +73,18 @@ def test_training_writes_metrics_checkpoints_and_events(trained):
                 assert f"{task}/{metric}" in record
     assert any("total_loss" in r for r in _metrics(output_dir))
 
+    # --resume continues from the latest checkpoint, not from model_best.pth.
     assert (output_dir / "last_checkpoint").read_text().strip() == "model_final.pth"
     assert (output_dir / "model_final.pth").is_file()
     assert (output_dir / "model_0000001.pth").is_file()  # CHECKPOINT_PERIOD
     assert (output_dir / "model_best.pth").is_file()  # BestCheckpointer on segm/AP
-    assert list(output_dir.glob("events.out.tfevents.*"))
+    (events,) = output_dir.glob("events.out.tfevents.*")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    scalars = accumulator.Tags()["scalars"]
+    assert {"total_loss", "lr", "bbox/AP", "segm/AP", "keypoints/AP"} <= set(scalars)
     assert (output_dir / "inference" / "nl_shapes_mini" / "coco_instances_results.json").is_file()
 
     log = (output_dir / "log.txt").read_text()
@@ -219,3 +226,32 @@ def test_several_problems_are_reported_together():
     with pytest.raises(UserInputError, match="2 problems") as info:
         check_inputs(cfg)
     assert "nowhere.pth" in str(info.value) and "'x'" in str(info.value)
+
+
+@pytest.mark.parametrize("periodic_first", [True, False])
+def test_best_checkpointer_keeps_last_checkpoint(tmp_path, periodic_first):
+    """Saving model_best.pth leaves last_checkpoint on the latest periodic checkpoint (or
+    absent), unlike detectron2 v0.6's hook."""
+    from types import SimpleNamespace
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.utils.events import EventStorage
+    from torch import nn
+
+    from nl_detectron.engine.best_checkpointer import BestCheckpointer
+
+    checkpointer = DetectionCheckpointer(nn.Linear(2, 2), save_dir=str(tmp_path))
+    hook = BestCheckpointer(10, checkpointer, "segm/AP", mode="max")
+    with EventStorage(start_iter=9) as storage:
+        hook.trainer = SimpleNamespace(storage=storage, iter=9, max_iter=20)
+        if periodic_first:
+            checkpointer.save("model_0000009")
+        storage.put_scalar("segm/AP", 42.0, smoothing_hint=False)
+        hook.after_step()
+    assert (tmp_path / "model_best.pth").is_file()
+    assert hook.best_metric == 42.0
+    last = tmp_path / "last_checkpoint"
+    if periodic_first:
+        assert last.read_text().strip() == "model_0000009.pth"
+    else:
+        assert not last.exists()

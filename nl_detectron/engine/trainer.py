@@ -17,6 +17,7 @@ from torch import nn
 from .. import data as _data  # noqa: F401  (registers the bundled datasets)
 from ..evaluation import FastCOCOEvaluator
 from .atomic_checkpoint import AtomicCheckpointer
+from .best_checkpointer import BestCheckpointer
 from .data_checks import CheckedDatasetMapper
 from .distributed import ReplicaConsistencyCheck, ddp_on_any_device
 from .divergence import (
@@ -118,7 +119,7 @@ class Trainer(DefaultTrainer):
         self.checkpointer = self.build_checkpointer()
         ret = super().build_hooks()
         if self.cfg.TEST.EVAL_PERIOD > 0 and comm.is_main_process():
-            best = hooks.BestCheckpointer(
+            best = BestCheckpointer(
                 self.cfg.TEST.EVAL_PERIOD, self.checkpointer, main_metric(self.cfg), mode="max"
             )
             index = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
