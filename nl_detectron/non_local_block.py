@@ -195,6 +195,9 @@ class NonLocalBlock(CNNBlockBase):
         if gaussian_forms and scale is None:
             scale = (in_channels if pairwise == "gaussian" else inner_channels) ** -0.5
         self.scale = scale if gaussian_forms else None
+        # Inference on CPU (softmax forms): entries of the pairwise map computed at once, 64 MB
+        # in float32; see _softmax_in_chunks.
+        self.inference_chunk_elements = 1 << 24
 
         # The Gaussian form compares raw features x_i^T x_j: no embedding (Sec. 3.2).
         self.theta = None if pairwise == "gaussian" else conv(in_channels, inner_channels, 1)
@@ -371,6 +374,10 @@ class NonLocalBlock(CNNBlockBase):
         half inputs (no fp16 overflow). Its fused kernels need equal query and value widths, so
         the narrower side is zero-padded (which changes neither logits nor values).
         """
+        if queries.device.type == "cpu" and not (
+            queries.requires_grad or keys.requires_grad or values.requires_grad
+        ):
+            return self._softmax_in_chunks(queries, keys, values)
         width = max(queries.shape[1], values.shape[1])
         # (N, C', L) -> (N, 1, L, width): one attention head, positions as rows
         q = _rows(queries, width)[:, None]
@@ -379,6 +386,31 @@ class NonLocalBlock(CNNBlockBase):
         y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         # (N, 1, HW, width) -> (N, HW, C') -> (N, C', HW)
         return y[:, 0, :, : values.shape[1]].transpose(1, 2)
+
+    def _softmax_in_chunks(self, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """The softmax forms without autograd on CPU (inference): blocks of query rows.
+
+        Two batched matrix products per block, at the CPU's full matrix-product speed and with
+        no zero padding, where the fused kernel is slower on CPU; the map exists one block of at
+        most ``inference_chunk_elements`` entries at a time. Float32 for half inputs.
+        """
+        scale = self.scale
+        assert scale is not None
+        # (N, Cq, HW) -> (N, HW, Cq), scaled once here rather than every logit
+        q = (_upcast(queries) * scale).transpose(1, 2)
+        k = _upcast(keys)
+        # (N, C', M) -> (N, M, C')
+        v = _upcast(values).transpose(1, 2)
+        batch, positions, m = q.shape[0], q.shape[1], k.shape[2]
+        y = q.new_empty([batch, positions, v.shape[2]])
+        rows = max(1, self.inference_chunk_elements // max(1, batch * m))
+        for start in range(0, positions, rows):
+            # (N, rows, Cq) @ (N, Cq, M) -> (N, rows, M)
+            weights = torch.softmax(torch.bmm(q[:, start : start + rows], k), dim=2)
+            # (N, rows, M) @ (N, M, C') -> (N, rows, C')
+            y[:, start : start + rows] = torch.bmm(weights, v)
+        # (N, HW, C') -> (N, C', HW)
+        return y.transpose(1, 2)
 
     def _dot_product(self, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         """Dot product: ``y = (phi^T g)^T theta / M``, the reassociated ``g (phi^T theta) / M``.

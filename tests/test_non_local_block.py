@@ -112,6 +112,39 @@ def test_matches_reference_forward_and_backward(pairwise, dim, sub_sample):
                 torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("pairwise", SOFTMAX_FORMS)
+@pytest.mark.parametrize("dim", [1, 2, 3])
+@pytest.mark.parametrize("chunk", [None, 7])
+def test_inference_path_matches_reference(pairwise, dim, chunk):
+    # Without autograd on CPU the softmax forms run in blocks of query rows; with a tiny block
+    # size every block boundary (and a ragged last block) is exercised.
+    block = randomise(NonLocalBlock(8, dim=dim, pairwise=pairwise, inner_channels=6)).double()
+    if chunk is not None:
+        block.inference_chunk_elements = chunk
+    block.eval()
+    for i, size in enumerate(SIZES[dim]):
+        x = make_input(dim, size, seed=i)
+        with torch.no_grad():
+            out = block(x)
+        torch.testing.assert_close(out, reference_forward(block, x), rtol=1e-9, atol=1e-9)
+    with torch.no_grad():
+        empty = block(torch.zeros(0, 8, *SIZES[dim][0], dtype=torch.double))
+    assert empty.shape == (0, 8, *SIZES[dim][0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_inference_path_half_precision_large_logits(dtype):
+    # Logits of about 3e5 (beyond fp16's range): the inference path computes them in float32.
+    block = randomise(NonLocalBlock(64, pairwise="gaussian", norm=""), seed=5).eval()
+    x = (torch.randn(2, 64, 6, 7) * 200).to(dtype)
+    with torch.no_grad():
+        out = block.to(dtype)(x)
+        expected = block.float()(x.float())
+    assert out.dtype == dtype
+    assert torch.isfinite(out).all()
+    assert (out.float() - expected).abs().max() / expected.abs().max() < 0.02
+
+
 @pytest.mark.parametrize("pairwise", PAIRWISE)
 def test_matches_reference_float32_larger(pairwise):
     block = randomise(NonLocalBlock(16, pairwise=pairwise, norm=""), seed=3)
