@@ -1,0 +1,64 @@
+"""Smoke runs of the benchmark scripts' ``--quick`` modes: they run and print their tables.
+
+No timing is asserted: the figures of a quick run mean nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> str:
+    """Run ``benchmarks/<name> --quick <args>``; return its standard output."""
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), "--quick", *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def table_rows(output: str, first_cells: str) -> list[str]:
+    """The markdown table rows of ``output`` that start with ``| <first_cells> |``."""
+    return [line for line in output.splitlines() if line.startswith(f"| {first_cells} |")]
+
+
+@pytest.mark.slow
+def test_end_to_end_quick() -> None:
+    out = run_script("benchmark_end_to_end.py", "--models", "mask_rcnn")
+    for heading in ("Training step", "Inference per image", "Peak memory", "Parameters"):
+        assert f"## {heading}" in out
+    rows = table_rows(out, "mask_rcnn | quick")
+    assert len(rows) == 4, out  # one per table
+    inference = next(r for r in rows if "(yes)" in r or "(NO)" in r)
+    assert "(yes)" in inference, "baseline and NL models should give the same detections"
+    params = rows[-1].split("|")
+    assert float(params[4]) > float(params[3])  # the NL model has more parameters
+
+
+@pytest.mark.slow
+def test_coco_eval_quick() -> None:
+    out = run_script("benchmark_coco_eval.py")
+    for task in ("bbox", "segm", "keypoints"):
+        assert len(re.findall(rf"^{task} +\S+ stats: \[", out, re.M)) == 2, out
+        (row,) = table_rows(out, task)
+        assert float(row.split("|")[-2]) <= 1e-4  # max abs diff of the stats
+    assert table_rows(out, "total")
+
+
+@pytest.mark.slow
+def test_block_scaling_quick(tmp_path: Path) -> None:
+    image = tmp_path / "block_scaling.png"
+    out = run_script("plot_block_scaling.py", "--output", str(image))
+    for pairwise in ("embedded_gaussian", "dot_product"):
+        assert len(table_rows(out, pairwise)) == 3, out
+    assert image.stat().st_size > 0
