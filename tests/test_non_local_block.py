@@ -112,6 +112,27 @@ def test_matches_reference_forward_and_backward(pairwise, dim, sub_sample):
                 torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.parametrize("inner", [8, 16, 24])
+@pytest.mark.parametrize("norm", ["BN", "GN", ""])
+def test_dot_product_folded_and_unfolded(inner, norm):
+    # With C' >= C/2 theta and W_z are folded into one C x C map per sample; below, not.
+    block = NonLocalBlock(32, pairwise="dot_product", inner_channels=inner, norm=norm).double()
+    randomise(block, seed=inner)
+    assert block._fold_dot_product == (2 * inner >= 32)
+    params = list(block.parameters())
+    for training in (True, False):
+        block.train(training)
+        x = make_input(2, (5, 7), channels=32, seed=2).requires_grad_()
+        out = block(x)
+        expected = reference_forward(block, x)
+        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+        grad_out = torch.randn_like(out)
+        grads = torch.autograd.grad(out, [x, *params], grad_out)
+        expected_grads = torch.autograd.grad(expected, [x, *params], grad_out)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+
+
 @pytest.mark.parametrize("pairwise", SOFTMAX_FORMS)
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("chunk", [None, 7])
