@@ -237,8 +237,8 @@ class NonLocalBlock(CNNBlockBase):
         # Inference on CPU (softmax forms): entries of the pairwise map computed at once, 64 MB
         # in float32; see _softmax_in_chunks.
         self.inference_chunk_elements = 1 << 24
-        # Dot product: theta and W_z folded into one C x C map per sample where that costs no
-        # more arithmetic (C' >= C/2); see _dot_product_map.
+        # Dot product: theta and W_z folded into one C x C map per sample on large inputs; see
+        # _folds_dot_product.
         self._fold_dot_product = pairwise == "dot_product" and 2 * inner_channels >= in_channels
 
         # The Gaussian form compares raw features x_i^T x_j: no embedding (Sec. 3.2).
@@ -284,7 +284,7 @@ class NonLocalBlock(CNNBlockBase):
         if self.pairwise == "concatenation":
             y = self._concatenation(self._concat_query_terms(flat), keys, values)
         elif self.pairwise == "dot_product":
-            if self._fold_dot_product:
+            if self._folds_dot_product(flat.shape[2]):
                 weight, bias = self._dot_product_map(keys, values, x.dtype)
                 z = self._output(flat, list(x.shape), weight, bias)
                 if z.dtype != x.dtype:  # autocast
@@ -488,6 +488,17 @@ class NonLocalBlock(CNNBlockBase):
         # (N, C', C')^T @ (N, C', HW) -> (N, C', HW)
         return kv.transpose(1, 2) @ q
 
+    def _folds_dot_product(self, positions: int) -> bool:
+        """Whether the dot-product form folds theta and W_z (see :meth:`_dot_product_map`).
+
+        Applying the folded C x C map costs what theta and W_z cost when C' = C/2 (used while
+        C' >= C/2); building it costs ``C C' (C + C')`` multiply-adds per sample, which is at
+        most 5% of the block's four 1x1 convolutions (``4 C C' HW``) when
+        ``HW >= 5 (C + C')``: large maps (res3 of a COCO image: 16,800 >= 3,840), not RoI heads.
+        The fold stores neither theta(x) nor y for the backward pass.
+        """
+        return self._fold_dot_product and positions >= 5 * (self.in_channels + self.inner_channels)
+
     def _dot_product_map(
         self, keys: Tensor, values: Tensor, dtype: torch.dtype
     ) -> tuple[Tensor, Tensor]:
@@ -495,9 +506,8 @@ class NonLocalBlock(CNNBlockBase):
 
         ``y_i = K^T theta(x_i)`` with ``K = sum_j phi_j g_j^T / M`` (C' x C'), so
         ``W_z y_i = (W_z K^T W_theta) x_i + W_z K^T b_theta``: a C x C matrix per sample, built
-        from C x C' x C' products. Applying it costs what theta and W_z cost when C' = C/2 (the
-        default; used while C' >= C/2), and neither theta(x) nor y is kept for the backward
-        pass. Returns ``A`` (N, C, C) and ``c`` (N, C) in ``dtype``.
+        from C x C' x C' products; neither theta(x) nor y is kept for the backward pass. Returns
+        ``A`` (N, C, C) and ``c`` (N, C) in ``dtype``.
         """
         theta, w_z = self.theta, self.out_conv
         assert theta is not None

@@ -115,14 +115,16 @@ def test_matches_reference_forward_and_backward(pairwise, dim, sub_sample):
 @pytest.mark.parametrize("inner", [8, 16, 24])
 @pytest.mark.parametrize("norm", ["BN", "GN", ""])
 def test_dot_product_folded_and_unfolded(inner, norm):
-    # With C' >= C/2 theta and W_z are folded into one C x C map per sample; below, not.
+    # With C' >= C/2, on maps of at least 5 (C + C') positions, theta and W_z are folded into
+    # one C x C map per sample; otherwise not.
     block = NonLocalBlock(32, pairwise="dot_product", inner_channels=inner, norm=norm).double()
     randomise(block, seed=inner)
-    assert block._fold_dot_product == (2 * inner >= 32)
+    assert block._folds_dot_product(20 * 20) == (2 * inner >= 32)
+    assert not block._folds_dot_product(5 * 7)
     params = list(block.parameters())
-    for training in (True, False):
+    for training, size in itertools.product((True, False), [(20, 20), (5, 7)]):
         block.train(training)
-        x = make_input(2, (5, 7), channels=32, seed=2).requires_grad_()
+        x = make_input(2, size, channels=32, seed=2).requires_grad_()
         out = block(x)
         expected = reference_forward(block, x)
         torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
