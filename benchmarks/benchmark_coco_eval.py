@@ -28,7 +28,6 @@ import datetime
 import io
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,9 @@ import numpy as np
 import pycocotools.mask as mask_util
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_name, load_average  # noqa: E402
 
 from nl_detectron.evaluation import (  # noqa: E402
     evaluate_predictions_on_coco,
@@ -243,23 +245,6 @@ def evaluate(
     with contextlib.redirect_stdout(io.StringIO()):  # the APIs' progress and summary tables
         coco_eval = evaluate_predictions_on_coco(coco_gt, results[task], task, backend=backend)
     return np.asarray(coco_eval.stats, dtype=np.float64), time.perf_counter() - start
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
-        return match.group(1) if match else "unknown CPU"
-    except OSError:
-        return "unknown CPU"
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def main() -> None:

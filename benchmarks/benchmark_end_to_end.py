@@ -57,8 +57,6 @@ import datetime
 import json
 import math
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -79,6 +77,7 @@ from torch.utils.flop_counter import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
@@ -87,6 +86,7 @@ from detectron2.structures import Boxes, Instances, Keypoints, PolygonMasks  # n
 from detectron2.utils.events import EventStorage  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
+from machine import cpu_name, load_average, peak_rss  # noqa: E402
 
 from nl_detectron import NonLocalBlock, add_nonlocal_config  # noqa: E402
 
@@ -435,19 +435,6 @@ def blocks_alone(runner: Runner, repeats: int) -> dict[str, Any]:
 # Peak memory
 
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        match = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
-    if match is None:
-        raise RuntimeError(f"/proc/self/status has no {key} line")
-    return int(match.group(1))
-
-
-def _reset_peak_rss() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-
-
 def _peak(fn: Callable[[], object], device: str) -> dict[str, int]:
     """Peak memory of ``fn()``: absolute, and growth over the memory in use just before."""
     if device == "cuda":
@@ -458,11 +445,8 @@ def _peak(fn: Callable[[], object], device: str) -> dict[str, int]:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated()
         return {"peak_bytes": peak, "growth_bytes": peak - before}
-    _reset_peak_rss()
-    before = _proc_status_kib("VmRSS")
-    fn()
-    peak = _proc_status_kib("VmHWM")
-    return {"peak_bytes": peak * 1024, "growth_bytes": (peak - before) * 1024}
+    peak, growth = peak_rss(fn)
+    return {"peak_bytes": peak, "growth_bytes": growth}
 
 
 def measure_memory(
@@ -741,25 +725,6 @@ def fmt_mb(n: Optional[float]) -> str:
 
 def fmt_pct(new: float, old: float) -> str:
     return f"{100 * (new / old - 1):+.1f}%" if old else "—"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
-        if match:
-            return match.group(1)
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    try:
-        with open("/proc/loadavg") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
 
 
 def _git(*args: str) -> str:

@@ -23,8 +23,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from machine import cpu_name, load_average, peak_rss  # noqa: E402
 
 from nl_detectron.non_local_block import NonLocalBlock  # noqa: E402
 
@@ -195,27 +196,24 @@ def alternate(
 # Peak memory
 
 
-def _proc_status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M).group(1))
+def pass_peak_bytes(module: nn.Module, size: Size) -> int:
+    """Bytes a forward and backward pass of ``module`` at ``size`` adds to the peak RSS (CPU).
+
+    A warm-up pass at a small size first, so that lazily loaded libraries are not counted.
+    """
+    small = torch.randn(size.batch, size.channels, 6, 10, requires_grad=True)
+    forward_backward(module, small, torch.randn_like(small))
+    module.zero_grad(set_to_none=True)
+    x = torch.randn(size.shape(), requires_grad=True)
+    grad = torch.randn(size.shape())
+    return peak_rss(lambda: forward_backward(module, x, grad))[1]
 
 
 def measure_memory_child(impl: str, pairwise: str, size_name: str) -> None:
     """Child process: print the peak memory of one forward and backward pass as JSON."""
     size = SIZES[size_name]
     module = make_module(impl, make_block(pairwise, size, "cpu"))
-    # Warm-up at a small size so that lazily loaded libraries are not counted.
-    small = torch.randn(2, size.channels, 6, 10, requires_grad=True)
-    forward_backward(module, small, torch.randn_like(small))
-    module.zero_grad(set_to_none=True)
-    x = torch.randn(size.shape(), requires_grad=True)
-    grad = torch.randn(size.shape())
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset VmHWM to the current resident set size
-    before = _proc_status_kib("VmRSS")
-    forward_backward(module, x, grad)
-    peak = _proc_status_kib("VmHWM")
-    print(json.dumps({"peak_bytes": (peak - before) * 1024}))
+    print(json.dumps({"peak_bytes": pass_peak_bytes(module, size)}))
 
 
 def peak_memory(impl: str, pairwise: str, size_name: str, device: str) -> int:
@@ -310,19 +308,6 @@ def fmt_mb(n: Optional[int]) -> str:
 
 def fmt_ratio(a: Optional[float], b: Optional[float]) -> str:
     return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M).group(1)
-    except (OSError, AttributeError):
-        return platform.processor() or "unknown CPU"
-
-
-def load_average() -> str:
-    """The 1-minute load average: other processes on the machine skew the timings."""
-    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ from benchmark_non_local_block import (  # noqa: E402
     forward_backward,
     make_block,
     make_module,
+    pass_peak_bytes,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,32 +67,14 @@ def measure_time(pairwise: str, size: Size, repeats: int, device: str) -> dict[s
     return {impl: statistics.median(ts) for impl, ts in times.items()}
 
 
-def _rss_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key} line")
-
-
 def memory_child(cases: list[tuple[str, str, list[int]]]) -> None:
     """Child process: print the peak memory of each case's forward + backward pass as JSON."""
     for pairwise, impl, shape in cases:
         size = Size(*shape)
         module = make_module(impl, make_block(pairwise, size, "cpu"))
-        # Warm-up at a small size so that lazily loaded code is not counted.
-        small = torch.randn(1, size.channels, 6, 10, requires_grad=True)
-        forward_backward(module, small, torch.randn_like(small))
-        module.zero_grad(set_to_none=True)
-        x = torch.randn(size.shape(), requires_grad=True)
-        grad = torch.randn(size.shape())
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := VmRSS
-        before = _rss_kib("VmRSS")
-        forward_backward(module, x, grad)
-        peak = _rss_kib("VmHWM")
-        print(json.dumps({"case": [pairwise, impl, shape], "peak_bytes": (peak - before) * 1024}))
-        del module, x, grad, small
+        peak_bytes = pass_peak_bytes(module, size)
+        print(json.dumps({"case": [pairwise, impl, shape], "peak_bytes": peak_bytes}))
+        del module
 
 
 def measure_memory(
