@@ -90,26 +90,31 @@ def test_identity_at_init(pairwise, dim, norm):
     assert torch.equal(block(x), x)
 
 
+def assert_matches_reference(block: NonLocalBlock, x: torch.Tensor) -> None:
+    """block(x) and its gradients (input and every parameter) equal the reference's (float64)."""
+    x = x.requires_grad_()
+    params = list(block.parameters())
+    out = block(x)
+    expected = reference_forward(block, x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *params], grad_out)
+    expected_grads = torch.autograd.grad(expected, [x, *params], grad_out)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+
+
 @pytest.mark.parametrize("pairwise", PAIRWISE)
 @pytest.mark.parametrize("dim", [1, 2, 3])
 @pytest.mark.parametrize("sub_sample", [True, False])
 def test_matches_reference_forward_and_backward(pairwise, dim, sub_sample):
     block = NonLocalBlock(8, dim=dim, pairwise=pairwise, sub_sample=sub_sample).double()
     randomise(block)
-    params = list(block.parameters())
     for i, size in enumerate(SIZES[dim]):
         for training in (True, False):
             block.train(training)
-            x = make_input(dim, size, seed=i).requires_grad_()
-            out = block(x)
-            expected = reference_forward(block, x)
-            assert out.shape == x.shape
-            torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
-            grad_out = torch.randn_like(out)
-            grads = torch.autograd.grad(out, [x, *params], grad_out)
-            expected_grads = torch.autograd.grad(expected, [x, *params], grad_out)
-            for got, want in zip(grads, expected_grads):
-                torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+            assert_matches_reference(block, make_input(dim, size, seed=i))
 
 
 @pytest.mark.parametrize("inner", [8, 16, 24])
@@ -121,18 +126,9 @@ def test_dot_product_folded_and_unfolded(inner, norm):
     randomise(block, seed=inner)
     assert block._folds_dot_product(20 * 20) == (2 * inner >= 32)
     assert not block._folds_dot_product(5 * 7)
-    params = list(block.parameters())
     for training, size in itertools.product((True, False), [(20, 20), (5, 7)]):
         block.train(training)
-        x = make_input(2, size, channels=32, seed=2).requires_grad_()
-        out = block(x)
-        expected = reference_forward(block, x)
-        torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
-        grad_out = torch.randn_like(out)
-        grads = torch.autograd.grad(out, [x, *params], grad_out)
-        expected_grads = torch.autograd.grad(expected, [x, *params], grad_out)
-        for got, want in zip(grads, expected_grads):
-            torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-9)
+        assert_matches_reference(block, make_input(2, size, channels=32, seed=2))
 
 
 @pytest.mark.parametrize("pairwise", SOFTMAX_FORMS)
