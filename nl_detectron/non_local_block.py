@@ -14,6 +14,7 @@ materialising the HW x M pairwise map:
   O((HW + M) C') memory.
 """
 
+import math
 from typing import Optional
 
 import torch
@@ -77,24 +78,19 @@ def _pointwise(weight: Tensor, bias: Optional[Tensor], flat: Tensor) -> Tensor:
     Also accepts ``flat`` as a transposed view. On CPU this runs at about twice the speed of
     the equivalent ``conv2d`` and keeps every tensor, and every gradient, channels-first like x.
     """
-    # (C_out, C_in) -> (N, C_out, C_in), a view: a batched product copies neither operand
-    # (torch.matmul would fold the batch into a transposed copy of flat)
-    weight = _matrix(weight).expand(flat.shape[0], -1, -1)
-    if bias is None:
-        return torch.bmm(weight, flat)
-    # (C_out, 1) + (N, C_out, C_in) @ (N, C_in, L) -> (N, C_out, L)
-    return torch.baddbmm(bias[:, None], weight, flat)
+    return _linear(_matrix(weight), bias, flat)
 
 
 def _linear(weight: Tensor, bias: Optional[Tensor], flat: Tensor) -> Tensor:
     """``(N, C_in, L) -> (N, C_out, L)`` by a ``(C_out, C_in)`` or per-sample ``(N, C_out, C_in)``
     weight and a ``(C_out)`` or ``(N, C_out)`` bias (or None)."""
     if weight.dim() == 2:
-        # (C_out, C_in) -> (N, C_out, C_in), a view
+        # (C_out, C_in) -> (N, C_out, C_in), a view: a batched product copies neither operand
+        # (torch.matmul would fold the batch into a transposed copy of flat)
         weight = weight.expand(flat.shape[0], -1, -1)
     if bias is None:
         return torch.bmm(weight, flat)
-    # (..., C_out) -> (..., C_out, 1)
+    # (..., C_out) -> (..., C_out, 1); + (N, C_out, C_in) @ (N, C_in, L) -> (N, C_out, L)
     return torch.baddbmm(bias.unsqueeze(-1), weight, flat)
 
 
@@ -132,7 +128,7 @@ class _MaxPoolKeepingIndices(torch.autograd.Function):
         (indices,) = ctx.saved_tensors
         shape = ctx.input_shape
         # (N, C, *S') -> (N, C, M) scattered into (N, C, prod(S)): the indices are per plane
-        grad_input = grad.new_zeros(shape[0], shape[1], grad.new_empty(shape[2:]).numel())
+        grad_input = grad.new_zeros(shape[0], shape[1], math.prod(shape[2:]))
         grad_input.scatter_(2, indices.flatten(2).long(), grad.flatten(2))
         return grad_input.view(shape), None
 
@@ -281,20 +277,19 @@ class NonLocalBlock(CNNBlockBase):
         # (N, C, *S) -> (N, C, HW), a view
         flat = x.flatten(2)
         keys, values, _ = self._keys_values(x, flat)
-        if self.pairwise == "concatenation":
-            y = self._concatenation(self._concat_query_terms(flat), keys, values)
-        elif self.pairwise == "dot_product":
-            if self._folds_dot_product(flat.shape[2]):
-                weight, bias = self._dot_product_map(keys, values, x.dtype)
-                z = self._output(flat, list(x.shape), weight, bias)
-                if z.dtype != x.dtype:  # autocast
-                    return x + z
-                return z.add_(x)
-            y = self._dot_product(self._queries(flat), keys, values)
+        if self.pairwise == "dot_product" and self._folds_dot_product(flat.shape[2]):
+            # W_z y as one map of x itself
+            weight, bias = self._dot_product_map(keys, values, x.dtype)
+            z = self._output(flat, list(x.shape), weight, bias)
         else:
-            y = self._softmax(self._queries(flat), keys, values)
-        w_z = self.out_conv
-        z = self._output(y.to(x.dtype), list(x.shape), _matrix(w_z.weight), w_z.bias)
+            if self.pairwise == "concatenation":
+                y = self._concatenation(self._concat_query_terms(flat), keys, values)
+            elif self.pairwise == "dot_product":
+                y = self._dot_product(self._queries(flat), keys, values)
+            else:
+                y = self._softmax(self._queries(flat), keys, values)
+            w_z = self.out_conv
+            z = self._output(y.to(x.dtype), list(x.shape), _matrix(w_z.weight), w_z.bias)
         if z.dtype != x.dtype:  # autocast
             return x + z
         # In place: neither the norm nor W_z keeps its output for the backward pass.
