@@ -5,10 +5,13 @@
 Shapes: N is the batch (as in detectron2), HW the number of query positions (all spatial
 positions, whatever ``dim``), M the number of key positions after sub-sampling, C the block's
 channels and C' the inner channels. The four pairwise functions f of Sec. 3.2 are computed without
-materialising the HW x M pairwise map:
+materialising the HW x M pairwise map (at most 2^24 of its entries at a time):
 
-- embedded Gaussian / Gaussian: fused attention (``F.scaled_dot_product_attention``);
-- dot product: reassociated as ``theta (phi^T g) / M``, linear in HW and M;
+- embedded Gaussian / Gaussian: fused attention (``F.scaled_dot_product_attention``); on CPU
+  without autograd (inference), two matrix products per block of query rows, the map's block
+  at most 2^24 entries;
+- dot product: reassociated as ``theta (phi^T g) / M``, linear in HW and M; on large maps
+  theta, ``phi^T g`` and W_z folded into one C x C map of x per sample;
 - concatenation: ``ReLU(a_i + b_j)`` summed over j becomes two suffix sums over the keys sorted by
   ``b_j``, looked up with a binary search: O((HW + M) C' + M log M + HW log M) time and
   O((HW + M) C') memory.
