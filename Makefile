@@ -10,7 +10,7 @@ ENV_INPUTS := requirements/constraints.txt requirements/dev.txt setup.py \
 	tools/provision_detectron2.py tools/setup_env.sh
 PYTEST_ARGS ?=
 
-.PHONY: env test lint format demo benchmark clean distclean
+.PHONY: env test test-fast lint format demo benchmark clean distclean
 
 env: $(READY)
 
@@ -27,6 +27,10 @@ format: $(READY)
 
 test: $(READY) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The edit loop: everything but the tests marked slow (whole training runs, benchmarks).
+test-fast: $(READY) lint
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(READY)
 	$(PY) tools/train_net.py --config-file configs/quickstart/mask_rcnn_nl_shapes.yaml OUTPUT_DIR output/demo

@@ -15,6 +15,7 @@ from training_runs import (
     cached_run,
     losses,
     model_weights,
+    other_cpu_kernels_envs,
     positioned_batches,
     train_net,
 )
@@ -139,19 +140,53 @@ EQUIVALENT = (
 )
 
 
-def _assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    """Equal up to float32 rounding: relative difference below 1e-3 (tensors that are still ~0
-    after three iterations, e.g. biases of 1e-11, by an absolute 1e-9)."""
-    assert a.keys() == b.keys()
-    for name in a:
-        x, y = a[name].double(), b[name].double()
-        difference, size = (x - y).norm().item(), x.norm().item()
-        assert difference <= max(1e-3 * size, 1e-9), (name, difference, size)
+# The rounding unit of float32.
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+# The two-process run reorders every batch reduction (two partial sums, then the all-reduce);
+# a noise-floor run reorders only those its kernels split differently. A correct run stays
+# within this many times the floor (measured on AVX2 and AVX-512 machines: within 1.5 times).
+NOISE_FACTOR = 10
+
+
+def _assert_within_rounding(
+    got: dict[str, torch.Tensor],
+    want: dict[str, torch.Tensor],
+    floors: list[dict[str, torch.Tensor]],
+) -> None:
+    """``got`` equals ``want`` up to what float32 rounding produces in this training run.
+
+    Each of ``floors`` is the run of ``want`` with the same arithmetic in another accumulation
+    order (:func:`training_runs.other_cpu_kernels_envs`). Their distance from ``want`` measures,
+    tensor by tensor, how far rounding alone moves the weights on this machine: little for most
+    tensors, but 0.1-0.3 % of the update of the stem, res2 and res3 of the tiny model, where this
+    training run amplifies rounding. A tensor may differ by ``NOISE_FACTOR`` times the largest
+    of these distances, and always by ``NOISE_FACTOR`` float32 units of the model's typical
+    weight (tensors whose exact value is 0, such as the phi biases, which the softmax ignores,
+    hold rounding noise only). A broken synchronisation moves tensors by the order of their
+    whole update, far beyond both. Float32 units of the tensor's own size allow for another
+    algorithm with the same result (SyncBN's variance from all-reduced sums).
+    """
+    names = [k for k, v in want.items() if v.is_floating_point()]
+    assert got.keys() == want.keys()
+    for floor in floors:
+        assert floor.keys() == want.keys()
+        assert any(not torch.equal(want[k], floor[k]) for k in names), (
+            "a noise-floor run is bitwise identical to the reference: it measured no rounding"
+        )
+    sizes = [want[k].numel() for k in names]
+    rms = (sum(want[k].double().square().sum().item() for k in names) / sum(sizes)) ** 0.5
+    for name, size in zip(names, sizes):
+        reference = want[name].double()
+        error = (got[name].double() - reference).norm().item()
+        noise = max((floor[name].double() - reference).norm().item() for floor in floors)
+        resolution = FLOAT32_EPS * max(reference.norm().item(), rms * size**0.5)
+        assert error <= NOISE_FACTOR * max(noise, resolution), (name, error, noise, resolution)
 
 
 @pytest.mark.slow
 def test_train_net_with_two_cpu_processes_matches_one_process(tmp_path):
     one, _ = cached_run(*EQUIVALENT)
+    floors = [cached_run(*EQUIVALENT, env=env)[0] for env in other_cpu_kernels_envs()]
     two = tmp_path / "two"
     proc = train_net("--num-gpus", "2", "--dist-url", "auto", *EQUIVALENT, "OUTPUT_DIR", str(two))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -160,16 +195,21 @@ def test_train_net_with_two_cpu_processes_matches_one_process(tmp_path):
     assert "Rank of current process: 0. World size: 2" in log
     assert re.search(r"all \d+ parameters are identical in the 2 processes", log)
 
-    last_one, last_two = losses(one)[2], losses(two)[2]
-    assert last_two == pytest.approx(last_one, rel=1e-5)
+    # The loss terms metrics.json holds (the last iteration's), within the rounding of the
+    # noise-floor runs.
+    assert losses(two).keys() == losses(one).keys() == {2}
+    for term, value in losses(one)[2].items():
+        error = abs(losses(two)[2][term] - value)
+        noise = max(abs(losses(floor)[2][term] - value) for floor in floors)
+        assert error <= NOISE_FACTOR * max(noise, FLOAT32_EPS * abs(value)), (term, error, noise)
     weights_one = model_weights(one / "model_final.pth")
     weights_two = model_weights(two / "model_final.pth")
-    _assert_close_weights(weights_one, weights_two)
-    # The non-local blocks trained (their norms left zero) and their SyncBN statistics, computed
-    # over both processes, are those of the single process's batch.
+    floor_weights = [model_weights(floor / "model_final.pth") for floor in floors]
+    _assert_within_rounding(weights_two, weights_one, floor_weights)
+    # The non-local blocks trained (their norms left zero), and their SyncBN statistics, computed
+    # over both processes, are those of the single process's batch (the check above).
     non_local = {k: v for k, v in weights_one.items() if ".non_local_" in k}
     assert any(k.endswith("out_norm.weight") and v.abs().max() > 0 for k, v in non_local.items())
-    _assert_close_weights(non_local, {k: weights_two[k] for k in non_local})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -209,3 +209,48 @@ def test_temporary_files_of_dead_processes_are_removed(tmp_path):
     _checkpointer(tmp_path)
     assert not stale.exists()
     assert live.exists() and other_host.exists()
+
+
+QUICKSTART = REPO / "configs" / "quickstart" / "mask_rcnn_nl_shapes.yaml"
+# A smoke run of the demo config, as users shorten it: 30 iterations, a checkpoint every 10.
+SHORT_DEMO = ("SOLVER.MAX_ITER", "30", "SOLVER.CHECKPOINT_PERIOD", "10", "TEST.EVAL_PERIOD", "0")
+
+
+@pytest.mark.slow
+def test_short_demo_run_killed_then_resumed_ends_with_its_evaluation(tmp_path):
+    output_dir = tmp_path / "short"
+    command = [sys.executable, str(TRAIN_NET), "--config-file", str(QUICKSTART)]
+    opts = [*SHORT_DEMO, "OUTPUT_DIR", str(output_dir)]
+    proc = subprocess.Popen(
+        [*command, *opts],
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:  # kill -9 at about iteration 20, right after its checkpoint
+        deadline = time.monotonic() + 400
+        tag = output_dir / "last_checkpoint"
+        while not (tag.is_file() and tag.read_text() == "model_0000019.pth"):
+            assert proc.poll() is None, "the run ended before its checkpoint at iteration 20"
+            assert time.monotonic() < deadline, "no checkpoint at iteration 20 after 400 s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not (output_dir / "model_final.pth").exists()
+
+    resumed = subprocess.run(
+        [*command, "--resume", *opts], cwd=REPO, env=run_env(), capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert_no_traceback(resumed)
+    assert "Starting training from iteration 20" in resumed.stdout
+    # The final evaluation ran for every task, whatever its AP after 30 iterations.
+    for task in ("bbox", "segm", "keypoints"):
+        assert f"copypaste: Task: {task}" in resumed.stdout
+    assert (output_dir / "last_checkpoint").read_text() == "model_final.pth"
+    _assert_only_complete_checkpoints(output_dir)

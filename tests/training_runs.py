@@ -68,10 +68,11 @@ def train_net(
     timeout: float = 300,
     config: Path = TINY_CONFIG,
     data_root: Optional[Path] = None,
+    env: Optional[dict[str, str]] = None,
 ) -> subprocess.CompletedProcess:
     """Run ``train_net.py --config-file config *args`` to completion (the generated data under
-    ``data_root`` if given)."""
-    env = run_env()
+    ``data_root`` if given; ``env`` overrides variables of :func:`run_env`)."""
+    env = {**run_env(), **(env or {})}
     if data_root is not None:
         env["NL_DETECTRON_DATA"] = str(data_root)
     command = [sys.executable, str(TRAIN_NET), "--config-file", str(config), *args]
@@ -83,16 +84,32 @@ def train_net(
 _cache: dict[tuple[str, ...], tuple[Path, subprocess.CompletedProcess]] = {}
 
 
-def cached_run(*opts: str) -> tuple[Path, subprocess.CompletedProcess]:
-    """A successful run of the tiny config with ``opts`` (KEY VALUE overrides), made once per
-    session: tests that need the same reference run share it. Returns its OUTPUT_DIR and the
-    completed process."""
-    if opts not in _cache:
+def other_cpu_kernels_envs() -> list[dict[str, str]]:
+    """Environments under which a run computes the same float32 arithmetic in other
+    accumulation orders: two threads instead of one (reductions split across threads), and the
+    vector instruction set below the CPU's best for ATen and MKL (other kernels, other blocking).
+    """
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX512"):
+        aten, mkl = "avx2", "AVX2"
+    else:
+        aten, mkl = "default", "SSE4_2"
+    return [{"OMP_NUM_THREADS": "2"}, {"ATEN_CPU_CAPABILITY": aten, "MKL_ENABLE_INSTRUCTIONS": mkl}]
+
+
+def cached_run(
+    *opts: str, env: Optional[dict[str, str]] = None
+) -> tuple[Path, subprocess.CompletedProcess]:
+    """A successful run of the tiny config with ``opts`` (KEY VALUE overrides) and ``env``, made
+    once per session: tests that need the same reference run share it. Returns its OUTPUT_DIR
+    and the completed process."""
+    key = (*opts, *(f"{k}={v}" for k, v in sorted((env or {}).items())))
+    if key not in _cache:
         output_dir = Path(tempfile.mkdtemp(prefix="run_", dir=session_dir()))
-        proc = train_net(*opts, "OUTPUT_DIR", str(output_dir))
+        proc = train_net(*opts, "OUTPUT_DIR", str(output_dir), env=env)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        _cache[opts] = output_dir, proc
-    return _cache[opts]
+        _cache[key] = output_dir, proc
+    return _cache[key]
 
 
 def losses(output_dir: Path) -> dict[int, dict[str, float]]:

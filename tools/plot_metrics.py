@@ -14,6 +14,7 @@ import sys
 from typing import Optional
 
 from nl_detectron.engine import UserInputError
+from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
 from nl_detectron.visualization import parse_run, plot_metrics
 from nl_detectron.visualization.curves import DEFAULT_AP_METRICS
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    ignore_known_third_party_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -14,6 +14,10 @@ Results: ``OUTPUT_DIR`` holds the log, ``metrics.json``, TensorBoard events, che
 
 import sys
 
+# First: nl_detectron imports Detectron2 without its known third-party warnings.
+from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
+
+# isort: split
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
@@ -25,7 +29,8 @@ from nl_detectron.engine.distributed import backend_for_device, launch
 
 
 def setup(args):
-    """The frozen config of the run; sets up logging and OUTPUT_DIR."""
+    """The frozen config of the run; sets up logging and OUTPUT_DIR (in every process)."""
+    ignore_known_third_party_warnings()
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
@@ -50,6 +55,7 @@ def main(args):
 
 
 if __name__ == "__main__":
+    ignore_known_third_party_warnings()
     args = default_argument_parser().parse_args()
     try:
         # Before any process starts: datasets on disk, weights reachable, config consistent.

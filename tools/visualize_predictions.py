@@ -17,6 +17,7 @@ from typing import Optional
 import nl_detectron  # noqa: F401  (registers the backbones and heads)
 import nl_detectron.data  # noqa: F401  (registers the bundled datasets)
 from nl_detectron.engine import UserInputError
+from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
 from nl_detectron.visualization import (
     Predictor,
     load_config,
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
+    ignore_known_third_party_warnings()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -1,0 +1,86 @@
+"""Known-harmless warnings of the pinned third-party stack, filtered narrowly.
+
+Each entry names the warning by category, message and the module it is attributed to, so that
+nothing else is hidden, and never a warning of nl_detectron itself. The same list serves the
+command-line tools (:func:`ignore_known_third_party_warnings`), the package's own import of
+Detectron2 (:func:`quiet_third_party_imports`) and the test suite (``tests/conftest.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from typing import NamedTuple
+
+__all__ = [
+    "KNOWN_THIRD_PARTY_WARNINGS",
+    "KnownWarning",
+    "ignore_known_third_party_warnings",
+    "quiet_third_party_imports",
+]
+
+
+class KnownWarning(NamedTuple):
+    """A warning to ignore: ``message`` and ``module`` are regular expressions matched at the
+    start of the warning's text and of the name of the module it is attributed to."""
+
+    category: type[Warning]
+    message: str
+    module: str
+    why: str
+
+    def pytest_filter(self) -> str:
+        """The entry for pytest's ``filterwarnings`` option (``action:message:category:module``;
+        pytest escapes nothing, so ``:`` must not occur in the patterns)."""
+        name = f"{self.category.__module__}.{self.category.__qualname__}"
+        if self.category.__module__ == "builtins":
+            name = self.category.__qualname__
+        return f"ignore:{self.message}:{name}:{self.module}"
+
+
+KNOWN_THIRD_PARTY_WARNINGS: tuple[KnownWarning, ...] = (
+    KnownWarning(
+        FutureWarning,
+        r"`torch\.jit\.script` is deprecated",
+        r"torch\.jit\._script",
+        "Detectron2 scripts helper functions at import; TorchScript export still works and "
+        "is what Detectron2's deployment uses.",
+    ),
+    KnownWarning(
+        UserWarning,
+        r"torch\.meshgrid. in an upcoming release, it will be required to pass the indexing",
+        r"torch\.functional",
+        "Detectron2 v0.6's anchor generator calls torch.meshgrid without indexing= (its "
+        "result is the default 'ij' indexing it relies on).",
+    ),
+    KnownWarning(
+        UserWarning,
+        r"Creating a tensor from a list of numpy\.ndarrays is extremely slow",
+        r"detectron2\.structures\.keypoints",
+        "Detectron2 builds the Keypoints of an image from one array per instance (a few).",
+    ),
+    KnownWarning(
+        DeprecationWarning,
+        r"__array__ implementation doesn't accept a copy keyword",
+        r"(pycocotools\.mask|detectron2\.evaluation\.coco_evaluation)",
+        "pycocotools' compiled mask API predates NumPy 2's copy keyword; the arrays are the same.",
+    ),
+)
+
+
+def ignore_known_third_party_warnings() -> None:
+    """Ignore the :data:`KNOWN_THIRD_PARTY_WARNINGS` from now on (for entry points)."""
+    for known in KNOWN_THIRD_PARTY_WARNINGS:
+        warnings.filterwarnings(
+            "ignore", message=known.message, category=known.category, module=known.module
+        )
+
+
+@contextlib.contextmanager
+def quiet_third_party_imports() -> Iterator[None]:
+    """Ignore the known warnings inside the block only, leaving the caller's filters as they
+    were (for the package's own import of Detectron2)."""
+    with warnings.catch_warnings():
+        ignore_known_third_party_warnings()
+        yield
