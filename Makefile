@@ -4,18 +4,31 @@ PYTHON ?= python3
 VENV ?= .venv
 # 1: let the environment see the system's packages (e.g. an official Detectron2 built from source).
 SYSTEM_SITE_PACKAGES ?= 0
+# A Detectron2 source tree or tarball (e.g. a clone of its main branch): build the official
+# Detectron2 from it, with its C++ extension, instead of the registry v0.6 build.
+DETECTRON2_SOURCE ?=
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
+# What the environment's Detectron2 was built from; a change rebuilds the environment.
+SOURCE_STAMP := $(VENV).detectron2-source
 ENV_INPUTS := requirements/constraints.txt requirements/dev.txt setup.py \
-	tools/provision_detectron2.py tools/setup_env.sh
+	tools/provision_detectron2.py tools/setup_env.sh $(SOURCE_STAMP)
 PYTEST_ARGS ?=
+# `make test-main`: the suite on official Detectron2 main, in its own environment.
+MAIN_VENV ?= .venv-main
+MAIN_SOURCE := $(or $(DETECTRON2_SOURCE),$(wildcard ../shared/third_party/detectron2-02b5c4e.tar.gz))
 
-.PHONY: env test test-fast lint format demo benchmark clean distclean
+.PHONY: env test test-fast test-main lint format demo benchmark clean distclean FORCE
 
 env: $(READY)
 
 $(READY): $(ENV_INPUTS)
-	@tools/setup_env.sh "$(PYTHON)" "$(VENV)" "$(SYSTEM_SITE_PACKAGES)"
+	@DETECTRON2_SOURCE="$(DETECTRON2_SOURCE)" \
+		tools/setup_env.sh "$(PYTHON)" "$(VENV)" "$(SYSTEM_SITE_PACKAGES)"
+
+# Rewritten only when DETECTRON2_SOURCE changes, so that only then the environment is rebuilt.
+$(SOURCE_STAMP): FORCE
+	@echo "$(DETECTRON2_SOURCE)" | cmp -s - $@ 2>/dev/null || echo "$(DETECTRON2_SOURCE)" > $@
 
 lint: $(READY)
 	$(VENV)/bin/ruff check .
@@ -32,6 +45,14 @@ test: $(READY) lint
 test-fast: $(READY) lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+test-main:
+	@if [ -z "$(MAIN_SOURCE)" ]; then \
+		echo "make test-main: no Detectron2 source. Set DETECTRON2_SOURCE to a clone of" \
+			"https://github.com/facebookresearch/detectron2 (its main branch) or a tarball of one."; \
+		exit 1; \
+	fi
+	$(MAKE) test VENV=$(MAIN_VENV) DETECTRON2_SOURCE=$(abspath $(MAIN_SOURCE))
+
 demo: $(READY)
 	$(PY) tools/train_net.py --config-file configs/quickstart/mask_rcnn_nl_shapes.yaml OUTPUT_DIR output/demo
 	$(PY) tools/demo_figures.py output/demo --output output/demo
@@ -43,4 +64,5 @@ clean:
 	rm -rf output .pytest_cache .ruff_cache build *.egg-info
 
 distclean: clean
-	rm -rf $(VENV) datasets/generated
+	rm -rf $(VENV) $(VENV).detectron2-source $(MAIN_VENV) $(MAIN_VENV).detectron2-source \
+		datasets/generated

@@ -20,6 +20,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
+from urllib.parse import parse_qs
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
+from .compat import CHECKPOINTER_TAKES_URL_QUERIES, reset_checkpointer_after_failed_load
 from .non_local_block import NonLocalBlock
 
 __all__ = ["CheckpointError", "LoadReport", "NonLocalCheckpointer"]
@@ -200,15 +202,17 @@ class NonLocalCheckpointer(DetectionCheckpointer):
         self.report = None
         if not path:
             return super().load(path, checkpointables)
-        local = self._local_file(path)
+        file, query = _split_query(path)
+        local = self._local_file(file)
         self._path = path
         self._restoring = tuple(
             self.checkpointables if checkpointables is None else checkpointables
         )
         try:
-            return super().load(local, checkpointables)
+            return super().load(f"{local}?{query}" if query else local, checkpointables)
         finally:
             self._path, self._restoring = "", ()
+            reset_checkpointer_after_failed_load(self)
 
     def _local_file(self, path: str) -> str:
         if os.path.isfile(path):
@@ -253,6 +257,16 @@ class NonLocalCheckpointer(DetectionCheckpointer):
         except Exception as e:  # noqa: BLE001  (whatever the unpickler meets, the file is bad)
             raise CheckpointError(_unreadable_message(path, filename, e)) from None
         _check_model_weights(path, checkpoint)
+        _, query = _split_query(path)
+        if query:  # Detectron2 main's query: the only one it reads
+            options = parse_qs(query)
+            if options.pop("matching_heuristics", None) == ["True"]:
+                checkpoint["matching_heuristics"] = True
+            if options:
+                raise CheckpointError(
+                    f"Checkpoint {path!r}: unknown query {sorted(options)}; the only one read "
+                    "is ?matching_heuristics=True (match names by suffix)."
+                )
         return checkpoint
 
     def _load_model(self, checkpoint: dict[str, Any]) -> _IncompatibleKeys:
@@ -287,6 +301,22 @@ class NonLocalCheckpointer(DetectionCheckpointer):
                 f"MODEL.WEIGHTS {self._path} without --resume, with a new OUTPUT_DIR (resuming "
                 "reads OUTPUT_DIR/last_checkpoint, and a run writes its checkpoints there)."
             )
+
+
+def _split_query(path: str) -> tuple[str, str]:
+    """``"x.pth?matching_heuristics=True"`` -> ``("x.pth", "matching_heuristics=True")``, for
+    the hosts whose checkpointer takes the query (Detectron2 main); a query elsewhere is refused
+    with the alternative."""
+    file, mark, query = path.partition("?")
+    if not mark or os.path.isfile(path):
+        return path, ""
+    if not CHECKPOINTER_TAKES_URL_QUERIES:
+        raise CheckpointError(
+            f"Checkpoint {path!r}: this Detectron2 (v0.6) does not read a '?{query}' query after "
+            "the file name; Detectron2 main does. Pass the file alone, or build Detectron2 from "
+            "source (README, 'Support matrix')."
+        )
+    return file, query
 
 
 def _source(checkpoint: Mapping[str, Any]) -> str:

@@ -61,6 +61,13 @@ KNOWN_THIRD_PARTY_WARNINGS: tuple[KnownWarning, ...] = (
         "Detectron2 builds the Keypoints of an image from one array per instance (a few).",
     ),
     KnownWarning(
+        UserWarning,
+        r"pkg_resources is deprecated as an API",
+        r"detectron2\.",
+        "Detectron2 main's model_zoo imports pkg_resources (setuptools 81, the last with it, is "
+        "pinned for that).",
+    ),
+    KnownWarning(
         DeprecationWarning,
         r"__array__ implementation doesn't accept a copy keyword",
         r"(pycocotools\.mask|detectron2\.evaluation\.coco_evaluation)",

@@ -33,6 +33,19 @@ def _reported_missing(keys: set[str]) -> set[str]:
     return {k for k in keys if not k.endswith(".num_batches_tracked")}
 
 
+class _KeepingIncompatibleKeys(DetectionCheckpointer):
+    """``DetectionCheckpointer`` that keeps the incompatible keys it would only log."""
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        self.incompatible = incompatible
+
+
+def _load_keeping_incompatible_keys(model: torch.nn.Module, path) -> object:
+    checkpointer = _KeepingIncompatibleKeys(model)
+    checkpointer.load(str(path))
+    return checkpointer.incompatible
+
+
 def _models(arch: str) -> tuple[torch.nn.Module, torch.nn.Module, set[str]]:
     """Vanilla and NL tiny Mask (+ Keypoint) R-CNN, identical but for NL; and the NL keys.
 
@@ -74,9 +87,7 @@ def test_vanilla_pth_checkpoint_loads_and_gives_the_vanilla_predictions(arch, tm
     DetectionCheckpointer(vanilla, save_dir=str(tmp_path)).save("vanilla")
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
-    checkpointer = DetectionCheckpointer(model)
-    # What `checkpointer.load` does, keeping the incompatible keys it only logs.
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(tmp_path / "vanilla.pth")))
+    incompatible = _load_keeping_incompatible_keys(model, tmp_path / "vanilla.pth")
     assert set(incompatible.missing_keys) == _reported_missing(nl_keys)
     assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
 
@@ -137,8 +148,7 @@ def test_caffe2_pkl_checkpoint_matches_every_vanilla_resnet_and_keypoint_weight(
     with open(tmp_path / "vanilla.pkl", "wb") as f:
         pickle.dump(blobs, f)
 
-    checkpointer = DetectionCheckpointer(model)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(tmp_path / "vanilla.pkl")))
+    incompatible = _load_keeping_incompatible_keys(model, tmp_path / "vanilla.pkl")
     assert incompatible.unexpected_keys == [] and incompatible.incorrect_shapes == []
     missing = set(incompatible.missing_keys)
     # Inside the ResNet and the keypoint head, exactly the NL keys are left unmatched.

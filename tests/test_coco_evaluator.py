@@ -14,6 +14,7 @@ import torch
 from detectron2.data import MetadataCatalog
 from detectron2.structures import Boxes, Instances
 
+from nl_detectron.compat import HAS_CPP_EXTENSION
 from nl_detectron.data import SHAPES_KEYPOINT_OKS_SIGMAS, SHAPES_SPLITS, ensure_shapes_split
 from nl_detectron.evaluation import (
     FastCOCOEvaluator,
@@ -119,9 +120,9 @@ def test_backend_preference():
     available = available_coco_backends()
     assert "pycocotools" in available
     assert get_coco_backend().name == available[0]
-    import detectron2
-
-    if getattr(detectron2._C, "PURE_PYTHON_BUILD", False):
+    if HAS_CPP_EXTENSION:  # Detectron2 built from source: its own C++ COCOeval
+        assert get_coco_backend().name == "detectron2"
+    else:  # the registry build: the same C++ algorithm from faster-coco-eval
         assert "detectron2" not in available
         assert get_coco_backend().name == "faster_coco_eval"
     with pytest.raises(ValueError, match="valid backends"):

@@ -70,6 +70,7 @@ def _row(output: str, label: str) -> list[str]:
     return line.split(")")[-1].split() if "(iter" in line else line.split()[1:]
 
 
+@pytest.mark.slow
 def test_last_evaluations_side_by_side(runs):
     proc = _compare(str(runs[0]), str(runs[1]), "--which", "last", "--names", "R50", "R50+1NL")
     assert proc.returncode == 0, proc.stderr
@@ -82,6 +83,7 @@ def test_last_evaluations_side_by_side(runs):
     assert _row(out, "delta") == ["+1.0", "+1.5", "+0.9", "+0.9", "+1.6", "+0.9"]
 
 
+@pytest.mark.slow
 def test_best_evaluation_follows_mask_ap(runs):
     proc = _compare(str(runs[0]), str(runs[1]))  # --which best is the default
     assert proc.returncode == 0, proc.stderr
@@ -112,6 +114,7 @@ def test_multi_dataset_keys(tmp_path):
     assert load_eval_result(str(run), dataset="val_b").metrics == {"bbox/AP": 20.0}
 
 
+@pytest.mark.slow
 def test_missing_and_unevaluated_runs_are_clean_errors(tmp_path, runs):
     proc = _compare(str(tmp_path / "nowhere"), str(runs[1]))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

@@ -195,6 +195,7 @@ def report_log(caplog):
 # A vanilla checkpoint in, the vanilla predictions out; then the blocks learn.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_vanilla_checkpoint_gives_the_vanilla_predictions_then_the_blocks_learn(
     case, tmp_path, report_log

@@ -23,7 +23,11 @@ def _load_script():
 def _run(*args, env_extra=None, **kw):
     import os
 
-    env = dict(os.environ, **(env_extra or {}))
+    env = dict(os.environ)
+    # Only what a test passes: `make test-main` builds its environment with DETECTRON2_SOURCE.
+    for name in ("DETECTRON2_SOURCE", "DETECTRON2_SDIST"):
+        env.pop(name, None)
+    env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env, **kw
     )
@@ -38,12 +42,14 @@ def _detectron2_still_imports():
     return proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_existing_detectron2_is_kept():
     proc = _run()
     assert proc.returncode == 0, proc.stderr
     assert "nothing to do" in proc.stdout
 
 
+@pytest.mark.slow
 def test_tampered_sdist_is_refused_before_anything_is_built(tmp_path):
     fake = tmp_path / "pb1-detectron2-0.6.tar.gz"
     with tarfile.open(fake, "w:gz") as tar:
@@ -59,6 +65,7 @@ def test_tampered_sdist_is_refused_before_anything_is_built(tmp_path):
     assert _detectron2_still_imports(), "a refused sdist must not touch the installed Detectron2"
 
 
+@pytest.mark.slow
 def test_missing_local_sdist_is_reported(tmp_path):
     missing = tmp_path / "nope.tar.gz"
     proc = _run("--force", env_extra={"DETECTRON2_SDIST": str(missing)})
@@ -67,6 +74,7 @@ def test_missing_local_sdist_is_reported(tmp_path):
     assert _detectron2_still_imports()
 
 
+@pytest.mark.slow
 def test_wrong_pin_is_refused_by_the_download(tmp_path):
     """The pinned hash is enforced on the real download path (pip --require-hashes)."""
     probe = subprocess.run(
@@ -82,6 +90,27 @@ def test_wrong_pin_is_refused_by_the_download(tmp_path):
     assert "does not have the pinned sha256" in proc.stderr
     assert "Refusing to build" in proc.stderr
     assert _detectron2_still_imports()
+
+
+@pytest.mark.parametrize("kind", ["missing", "not a tarball", "not detectron2"])
+def test_a_bad_detectron2_source_is_refused_before_anything_is_built(kind, tmp_path):
+    source = tmp_path / "detectron2.tar.gz"
+    if kind == "not a tarball":
+        source.write_text("hello")
+    elif kind == "not detectron2":
+        with tarfile.open(source, "w:gz") as tar:
+            payload = b"print('some other project')\n"
+            info = tarfile.TarInfo("other-1.0/setup.py")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    script = _load_script()
+    messages = {
+        "missing": "does not exist. Point it at a Detectron2 source tree",
+        "not a tarball": "is not a readable tarball",
+        "not detectron2": "is not a Detectron2 source tree: it has no setup.py and detectron2",
+    }
+    with pytest.raises(script.ProvisionError, match=messages[kind]):
+        script.stage_official_source(source, tmp_path / "work")
 
 
 def test_patches_refuse_an_unexpected_source_tree(tmp_path):
@@ -107,7 +136,7 @@ def test_installed_build_has_the_fixes():
     from detectron2 import _C
 
     if not getattr(_C, "PURE_PYTHON_BUILD", False):
-        pytest.skip("this Detectron2 has its compiled extension")
+        pytest.skip("the registry v0.6 build only (its _C stand-in); this Detectron2 is compiled")
     root = Path(detectron2.__file__).parent
     assert "Image.LINEAR" not in (root / "data/transforms/transform.py").read_text()
     assert "pkg_resources" not in (root / "model_zoo/model_zoo.py").read_text()

@@ -10,6 +10,10 @@
    ``PATCHES`` with the reason), and installed as a pure-Python package under the distribution
    name ``detectron2``. Features that need the C++/CUDA extension fail when used, with a message.
 
+3. With ``--source PATH`` (``DETECTRON2_SOURCE``), the official Detectron2 is built from that
+   source tree or ``git archive`` tarball (e.g. a clone of its main branch), with its C++/CUDA
+   extension, by its own ``setup.py``: replacing any Detectron2 installed before.
+
 Any failure (download, hash mismatch, patch not applying, build, import check) stops with a
 one-paragraph error and exit status 1, and leaves no half-installed Detectron2 behind.
 
@@ -22,6 +26,7 @@ import argparse
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -195,6 +200,12 @@ def existing_detectron2(python: str) -> str | None:
     if not _version_at_least(version, (0, 6)):
         return None
     return f"detectron2 {version} ({kind}) at {os.path.dirname(path)}"
+
+
+def _is_compiled(python: str) -> bool:
+    """Whether the installed Detectron2 has its real C++ extension (not the stand-in)."""
+    probe = "from detectron2 import _C; assert not getattr(_C, 'PURE_PYTHON_BUILD', False)"
+    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
 
 
 def _version_at_least(version: str, minimum: tuple[int, ...]) -> bool:
@@ -383,6 +394,70 @@ def uninstall(python: str) -> None:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Official Detectron2 from a source tree or tarball
+# ---------------------------------------------------------------------------------------------
+
+
+def stage_official_source(source: Path, workdir: Path) -> Path:
+    """A private copy of the official source tree (``source``: a directory or a tarball such as
+    ``git archive`` makes), so that the build leaves the user's tree untouched."""
+    if not source.exists():
+        raise ProvisionError(
+            f"DETECTRON2_SOURCE={source} does not exist. Point it at a Detectron2 source tree "
+            "(a clone of https://github.com/facebookresearch/detectron2) or a tarball of one."
+        )
+    staged = workdir / "detectron2-source"
+    if source.is_dir():
+        shutil.copytree(source, staged, ignore=shutil.ignore_patterns(".git", "build", "*.so"))
+    else:
+        try:
+            with tarfile.open(source) as tar:
+                tar.extractall(staged, filter="data")
+        except (tarfile.TarError, OSError) as e:
+            raise ProvisionError(
+                f"DETECTRON2_SOURCE={source} is not a readable tarball: {e}"
+            ) from None
+        entries = list(staged.iterdir())
+        if len(entries) == 1 and entries[0].is_dir():  # git archive --prefix=name/
+            staged = entries[0]
+    if not (staged / "setup.py").is_file() or not (staged / "detectron2" / "layers").is_dir():
+        raise ProvisionError(
+            f"DETECTRON2_SOURCE={source} is not a Detectron2 source tree: it has no setup.py "
+            "and detectron2/layers at its top."
+        )
+    return staged
+
+
+def build_official(python: str, source: Path) -> str:
+    """Build and install the official Detectron2 from ``source`` with its C++ extension."""
+    with tempfile.TemporaryDirectory(prefix="nl-detectron2-src-") as tmp:
+        project = stage_official_source(source, Path(tmp))
+        log(f"building Detectron2 from {source} with its C++ extension (about a minute)")
+        uninstall(python)  # the registry build would shadow it
+        cmd = [
+            python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+            "--quiet", str(project),
+        ]  # fmt: skip
+        env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            uninstall(python)
+            raise ProvisionError(
+                f"building Detectron2 from {source} failed (it needs a C++ compiler, and torch "
+                f"installed first).\npip said:\n{_tail(proc.stdout + proc.stderr)}"
+            )
+    found = existing_detectron2(python)
+    if not found or not _is_compiled(python):
+        uninstall(python)
+        raise ProvisionError(
+            f"Detectron2 built from {source} does not import with its C++ extension; it was "
+            "removed again."
+        )
+    log(f"installed {found}")
+    return found
+
+
 def provision(python: str, expected_sha256: str, keep_existing: bool = True) -> str:
     if keep_existing:
         found = existing_detectron2(python)
@@ -426,9 +501,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--force", action="store_true", help="rebuild even if a usable Detectron2 is installed"
     )
+    parser.add_argument(
+        "--source",
+        default=os.environ.get("DETECTRON2_SOURCE") or None,
+        help="build the official Detectron2 from this source tree or tarball instead "
+        "(default: $DETECTRON2_SOURCE)",
+    )
     args = parser.parse_args(argv)
     try:
-        provision(args.python, args.sha256.lower(), keep_existing=not args.force)
+        if args.source:
+            build_official(args.python, Path(args.source).expanduser().resolve())
+        else:
+            provision(args.python, args.sha256.lower(), keep_existing=not args.force)
     except ProvisionError as e:
         print(f"\n[provision-detectron2] ERROR: {e}\n", file=sys.stderr, flush=True)
         return 1

@@ -1,46 +1,43 @@
 """Multi-process training: on GPUs with NCCL (Detectron2's ``launch``), on CPUs with gloo.
 
 Detectron2 v0.6's ``launch`` asserts CUDA and hard-codes NCCL as soon as there is more than one
-process, and its ``create_ddp_model`` passes ``device_ids=[local_rank]``, which
-``DistributedDataParallel`` rejects for a CPU model. :func:`launch` hands GPU runs to Detectron2
-unchanged and runs CPU processes itself with the gloo backend, set up the way Detectron2 sets up
-its workers (global rank, the per-machine process group of ``detectron2.utils.comm``, a barrier);
-:func:`create_ddp_model` wraps CPU models with ``device_ids=None``, and
+process; main's runs CPU processes with gloo
+(:data:`nl_detectron.compat.LAUNCH_RUNS_CPU_PROCESSES`).
+:func:`launch` hands GPU runs, and CPU runs on main, to Detectron2's ``launch``, and on v0.6 runs
+CPU processes itself with the gloo backend, set up the way Detectron2 sets up its workers (global
+rank, the per-machine process group of ``detectron2.utils.comm``, a barrier). On both it checks
+``--dist-url`` first and reports a user error in a worker without a traceback;
 :class:`ReplicaConsistencyCheck` verifies at the end of training that all processes hold the same
 weights.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import socket
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-import detectron2.engine.defaults as d2_defaults
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from detectron2.engine import HookBase
 from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..checkpointer import CheckpointError
+from ..compat import LAUNCH_RUNS_CPU_PROCESSES
 from .errors import UserInputError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "ReplicaConsistencyCheck",
     "backend_for_device",
-    "create_ddp_model",
-    "ddp_on_any_device",
     "find_free_port",
     "launch",
 ]
@@ -50,7 +47,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 # Exit status of a worker that stopped on a UserInputError (after printing it).
 _USER_ERROR_EXIT = 1
-_d2_create_ddp_model = d2_defaults.create_ddp_model
 
 
 def backend_for_device(device: str) -> str:
@@ -117,9 +113,15 @@ def launch(
     backend = backend.lower()
     if backend not in ("nccl", "gloo"):
         raise UserInputError(f"Unknown distributed backend {backend!r}; use 'nccl' or 'gloo'.")
-    wrapped = _ReportUserErrors(main_func)
+    threads = 0
+    if backend == "gloo" and "OMP_NUM_THREADS" not in os.environ:
+        # The processes share the machine's cores.
+        threads = max(1, (os.cpu_count() or 1) // num_processes_per_machine)
+    wrapped = _ReportUserErrors(main_func, num_threads=threads)
     try:
-        if backend == "nccl":
+        if backend == "gloo":
+            dist_url = _resolve_dist_url(dist_url, num_machines, machine_rank)
+        if backend == "nccl" or (LAUNCH_RUNS_CPU_PROCESSES and not torch.cuda.is_available()):
             d2_launch(
                 wrapped,
                 num_processes_per_machine,
@@ -130,7 +132,6 @@ def launch(
                 timeout=timeout,
             )
         else:
-            dist_url = _resolve_dist_url(dist_url, num_machines, machine_rank)
             mp.start_processes(
                 _gloo_worker,
                 nprocs=num_processes_per_machine,
@@ -159,10 +160,13 @@ class _ReportUserErrors:
     traceback, and ends the process with status 1 (the launcher then stops the others).
     """
 
-    def __init__(self, main_func: Callable[..., Any]) -> None:
+    def __init__(self, main_func: Callable[..., Any], num_threads: int = 0) -> None:
         self.main_func = main_func
+        self.num_threads = num_threads  # torch threads of the process; 0: torch's default
 
     def __call__(self, *args: Any) -> Any:
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
         try:
             return self.main_func(*args)
         except (UserInputError, CheckpointError) as e:
@@ -218,10 +222,7 @@ def _gloo_worker(
     timeout: timedelta,
 ) -> None:
     """One CPU training process, set up as Detectron2's ``_distributed_worker`` sets up a GPU one
-    (without the CUDA device)."""
-    if "OMP_NUM_THREADS" not in os.environ:
-        # The processes share the machine's cores.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // num_processes_per_machine))
+    (without the CUDA device): for hosts whose ``launch`` cannot (v0.6)."""
     global_rank = machine_rank * num_processes_per_machine + local_rank
     dist.init_process_group(
         backend="gloo",
@@ -242,30 +243,6 @@ def _gloo_worker(
     main_func(*args)
     comm.synchronize()
     dist.destroy_process_group()
-
-
-def create_ddp_model(model: nn.Module, **kwargs: Any) -> nn.Module:
-    """Detectron2's ``create_ddp_model`` (``DistributedDataParallel`` when there is more than one
-    process), which also wraps CPU models: those take ``device_ids=None``."""
-    if comm.get_world_size() > 1 and "device_ids" not in kwargs:
-        if all(p.device.type == "cpu" for p in model.parameters()):
-            kwargs["device_ids"] = None
-    return _d2_create_ddp_model(model, **kwargs)
-
-
-@contextlib.contextmanager
-def ddp_on_any_device() -> Iterator[None]:
-    """Within this context, ``DefaultTrainer.__init__`` wraps a CPU model in DDP correctly.
-
-    Detectron2 v0.6's trainer calls the module-level ``create_ddp_model`` of
-    ``detectron2.engine.defaults``; it is replaced by :func:`create_ddp_model` while the context
-    lasts.
-    """
-    d2_defaults.create_ddp_model = create_ddp_model
-    try:
-        yield
-    finally:
-        d2_defaults.create_ddp_model = _d2_create_ddp_model
 
 
 class ReplicaConsistencyCheck(HookBase):

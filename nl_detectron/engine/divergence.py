@@ -98,6 +98,10 @@ def parse_d2_message(message: str) -> tuple[int | None, dict[str, float]]:
 class _OneLine(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, FloatingPointError):
+            # Detectron2 main logs the NaN-loss error with its traceback where it writes the
+            # metrics; the trainer turns it into a TrainingDivergedError, logged as one line.
+            return False
         if isinstance(error, UserInputError):
             record.msg, record.args = f"Training stopped: {error}", ()
             record.exc_info, record.exc_text = None, None
@@ -107,7 +111,9 @@ class _OneLine(logging.Filter):
 @contextlib.contextmanager
 def user_errors_logged_without_traceback() -> Iterator[None]:
     """Within the block, Detectron2's training loop logs a :class:`UserInputError` that stops
-    training as one line (it logs every exception with its traceback before re-raising it)."""
+    training as one line (it logs every exception with its traceback before re-raising it), and
+    not the ``FloatingPointError`` of a NaN loss, which the trainer reports as a
+    :class:`TrainingDivergedError`."""
     train_loop = logging.getLogger("detectron2.engine.train_loop")
     one_line = _OneLine()
     train_loop.addFilter(one_line)

@@ -10,16 +10,17 @@ from typing import Any
 
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader
-from detectron2.engine import DefaultTrainer, hooks
+from detectron2.engine import DefaultTrainer, TrainerBase, hooks
 from detectron2.utils import comm
 from torch import nn
 
 from .. import data as _data  # noqa: F401  (registers the bundled datasets)
+from ..compat import TRAINER_SAVES_TRAINER_STATE, ddp_on_any_device, restart_data_loader
 from ..evaluation import FastCOCOEvaluator
 from .atomic_checkpoint import AtomicCheckpointer
 from .best_checkpointer import BestCheckpointer
 from .data_checks import CheckedDatasetMapper
-from .distributed import ReplicaConsistencyCheck, ddp_on_any_device
+from .distributed import ReplicaConsistencyCheck
 from .divergence import (
     TrainingDivergedError,
     diverged_message,
@@ -56,8 +57,9 @@ class Trainer(DefaultTrainer):
 
     Checkpoints are loaded through :class:`~nl_detectron.checkpointer.NonLocalCheckpointer`
     (a report of the new NL parameters; resuming from another model's checkpoint refused) and
-    hold the optimizer state, which detectron2 v0.6's ``DefaultTrainer`` leaves out, so that
-    ``--resume`` restores model, optimizer, scheduler and iteration.
+    hold the optimizer state (Detectron2 main saves it; v0.6's ``DefaultTrainer`` leaves it out
+    and this class adds it), so that ``--resume`` restores model, optimizer, scheduler and
+    iteration.
 
     Reliability (docs/reliability.md): checkpoints are written atomically
     (:class:`~nl_detectron.engine.atomic_checkpoint.AtomicCheckpointer`); the training data is
@@ -71,7 +73,7 @@ class Trainer(DefaultTrainer):
     """
 
     def __init__(self, cfg: CfgNode) -> None:
-        # detectron2 v0.6 wraps the model in DDP with device_ids=[rank], which CPU models reject.
+        # detectron2 wraps the model in DDP with device_ids=[rank], which CPU models reject.
         with ddp_on_any_device():
             super().__init__(cfg)
 
@@ -141,7 +143,7 @@ class Trainer(DefaultTrainer):
         loader = self._trainer.data_loader
         if isinstance(loader, ResumableTrainLoader):
             loader.start_batch = self.start_iter
-            self._trainer._data_loader_iter = iter(loader)
+            restart_data_loader(self._trainer, loader)
 
     def train(self):
         """detectron2's training; a :class:`UserInputError` that stops it (bad data, NaN loss)
@@ -166,15 +168,20 @@ class Trainer(DefaultTrainer):
     def state_dict(self) -> dict[str, Any]:
         """Iteration and hook states (the scheduler's), and the optimizer state."""
         ret = super().state_dict()
-        ret["_trainer"] = self._trainer.state_dict()
+        if not TRAINER_SAVES_TRAINER_STATE:
+            ret["_trainer"] = self._trainer.state_dict()
         return ret
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
-        else:
+        """Restores what :meth:`state_dict` saved; a checkpoint without the optimizer state
+        (written by Detectron2 v0.6's own trainer) resumes with a warning."""
+        if "_trainer" not in state_dict:
             logger.warning(
-                "The checkpoint has no optimizer state (detectron2 v0.6's DefaultTrainer does not "
+                "The checkpoint has no optimizer state (Detectron2 v0.6's DefaultTrainer does not "
                 "save it): resuming with the optimizer's momentum reset to zero."
             )
+            TrainerBase.load_state_dict(self, state_dict)
+            return
+        super().load_state_dict(state_dict)
+        if not TRAINER_SAVES_TRAINER_STATE:
+            self._trainer.load_state_dict(state_dict["_trainer"])

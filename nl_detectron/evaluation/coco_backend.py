@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from ..compat import HAS_CPP_EXTENSION
+
 __all__ = [
     "COCO_BACKENDS",
     "COCOBackend",
@@ -79,18 +81,10 @@ class COCOBackend:
         return self.cocoeval_cls(coco_gt, coco_dt, iou_type)
 
 
-def _detectron2_has_extension() -> bool:
-    try:
-        from detectron2 import _C
-    except ImportError:
-        return False
-    return not getattr(_C, "PURE_PYTHON_BUILD", False)
-
-
 def available_coco_backends() -> list[str]:
     """The installed backends, fastest first."""
     available = []
-    if _detectron2_has_extension():
+    if HAS_CPP_EXTENSION:
         available.append("detectron2")
     if importlib.util.find_spec("faster_coco_eval") is not None:
         available.append("faster_coco_eval")
