@@ -18,7 +18,8 @@ PYTEST_ARGS ?=
 MAIN_VENV ?= .venv-main
 MAIN_SOURCE := $(or $(DETECTRON2_SOURCE),$(wildcard ../shared/third_party/detectron2-02b5c4e.tar.gz))
 
-.PHONY: env test test-fast test-main lint format demo benchmark clean distclean FORCE
+.PHONY: env test test-fast test-main demo-main main-source lint format demo benchmark clean \
+	distclean FORCE
 
 env: $(READY)
 
@@ -26,9 +27,12 @@ $(READY): $(ENV_INPUTS)
 	@DETECTRON2_SOURCE="$(DETECTRON2_SOURCE)" \
 		tools/setup_env.sh "$(PYTHON)" "$(VENV)" "$(SYSTEM_SITE_PACKAGES)"
 
-# Rewritten only when DETECTRON2_SOURCE changes, so that only then the environment is rebuilt.
+# Rewritten only when DETECTRON2_SOURCE is given and differs from what the environment was built
+# from, so that only then the environment is rebuilt (without it, the environment keeps its own).
 $(SOURCE_STAMP): FORCE
-	@echo "$(DETECTRON2_SOURCE)" | cmp -s - $@ 2>/dev/null || echo "$(DETECTRON2_SOURCE)" > $@
+	@if [ -n "$(DETECTRON2_SOURCE)" ]; then \
+		echo "$(DETECTRON2_SOURCE)" | cmp -s - $@ 2>/dev/null || echo "$(DETECTRON2_SOURCE)" > $@; \
+	elif [ ! -e $@ ]; then touch $@; fi
 
 lint: $(READY)
 	$(VENV)/bin/ruff check .
@@ -45,17 +49,25 @@ test: $(READY) lint
 test-fast: $(READY) lint
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
-test-main:
+main-source:
 	@if [ -z "$(MAIN_SOURCE)" ]; then \
-		echo "make test-main: no Detectron2 source. Set DETECTRON2_SOURCE to a clone of" \
+		echo "make $(MAKECMDGOALS): no Detectron2 source. Set DETECTRON2_SOURCE to a clone of" \
 			"https://github.com/facebookresearch/detectron2 (its main branch) or a tarball of one."; \
 		exit 1; \
 	fi
+
+test-main: main-source
 	$(MAKE) test VENV=$(MAIN_VENV) DETECTRON2_SOURCE=$(abspath $(MAIN_SOURCE))
 
+demo-main: main-source
+	$(MAKE) demo VENV=$(MAIN_VENV) DETECTRON2_SOURCE=$(abspath $(MAIN_SOURCE)) \
+		DEMO_OUTPUT=output/demo_main
+
+DEMO_OUTPUT ?= output/demo
 demo: $(READY)
-	$(PY) tools/train_net.py --config-file configs/quickstart/mask_rcnn_nl_shapes.yaml OUTPUT_DIR output/demo
-	$(PY) tools/demo_figures.py output/demo --output output/demo
+	$(PY) tools/train_net.py --config-file configs/quickstart/mask_rcnn_nl_shapes.yaml \
+		OUTPUT_DIR $(DEMO_OUTPUT)
+	$(PY) tools/demo_figures.py $(DEMO_OUTPUT) --output $(DEMO_OUTPUT)
 
 benchmark: $(READY)
 	$(PY) benchmarks/benchmark_non_local_block.py
