@@ -45,8 +45,12 @@ def add_nonlocal_config(cfg: CN) -> None:
     # (none; W_z is zero-initialised instead). "FrozenBN" is refused: it would keep the block an
     # identity forever.
     _C.MODEL.NONLOCAL.NORM = "BN"
-    # Std of the Gaussian init of the blocks' 1x1 convs. Released code: 0.01.
+    # Std of the Gaussian init of the blocks' 1x1 convs. Released code: 0.01. 0: MSRA (He) init,
+    # the paper's (Sec. 4.1), whose scale does not depend on the channel widths.
     _C.MODEL.NONLOCAL.INIT_STD = 0.01
+    # Learning rate of the NL blocks' parameters as a multiple of SOLVER.BASE_LR (the schedule
+    # and warm-up apply as to the rest). Paper: 1 (not stated otherwise).
+    _C.MODEL.NONLOCAL.LR_FACTOR = 1.0
 
 
 def non_local_block_args(cfg: CN) -> dict[str, Any]:
@@ -81,7 +85,7 @@ def non_local_block_args(cfg: CN) -> dict[str, Any]:
         # None: the block's default, inner_channels ** -0.5 as in the released code.
         "scale": None if node.USE_SCALE else 1.0,
         "norm": node.NORM,
-        "init_std": node.INIT_STD,
+        "init_std": node.INIT_STD if node.INIT_STD > 0 else None,
     }
     # The block's own checks (valid pairwise functions and norms) on a small probe block, so
     # that a bad value is reported with the config node it came from.

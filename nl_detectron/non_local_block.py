@@ -184,7 +184,8 @@ class NonLocalBlock(CNNBlockBase):
             Ignored by dot product and concatenation.
         norm: ``"BN"``, ``"SyncBN"``, ``"GN"`` (32 groups) or ``""``/None, after ``W_z``.
             ``"FrozenBN"`` is refused: with gamma 0 it would keep the block a no-op.
-        init_std: std of the Gaussian init of the 1x1 convs (released code: 0.01).
+        init_std: std of the Gaussian init of the 1x1 convs (released code: 0.01); None: MSRA
+            (He) init, the paper's (Sec. 4.1), whose scale does not depend on the widths.
 
     Submodules: ``theta``, ``phi`` (None for the Gaussian form, which uses x itself), ``g``,
     ``concat_project`` (w_f of the concatenation form, else None), ``out_conv`` (W_z) and
@@ -203,7 +204,7 @@ class NonLocalBlock(CNNBlockBase):
         sub_sample: bool = True,
         scale: Optional[float] = None,
         norm: Optional[str] = "BN",
-        init_std: float = 0.01,
+        init_std: Optional[float] = 0.01,
     ) -> None:
         super().__init__(in_channels, in_channels, 1)
         if dim not in (1, 2, 3):
@@ -257,7 +258,10 @@ class NonLocalBlock(CNNBlockBase):
 
         for layer in (self.theta, self.phi, self.g, self.concat_project, self.out_conv):
             if layer is not None:
-                nn.init.normal_(layer.weight, std=init_std)
+                if init_std is None:
+                    nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                else:
+                    nn.init.normal_(layer.weight, std=init_std)
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
         # Zero-init last (Sec. 4.1): the block starts as an identity, so inserting it into a

@@ -10,26 +10,27 @@ horizontal line through that centre meets it (``left``, ``right``). A horizontal
 Instances never overlap and lie fully inside their image, so every keypoint is visible
 (COCO visibility flag 2). The images are small (128-160 px) for fast CPU training.
 
-A split is generated on first use (when detectron2 loads the dataset), deterministically (from a
-fixed seed: the same bytes every time with the same NumPy, Pillow and zlib) and atomically: it is
-written to a temporary directory that is renamed into place only when complete, so an interrupted
-generation is never taken for a complete one. The root is ``$NL_DETECTRON_DATA`` if set, else
-``datasets/generated`` of the repository.
+Splits are generated on first use, deterministically and atomically
+(:mod:`nl_detectron.data.generated`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image, ImageDraw
+
+from .generated import (
+    GeneratedSplit,
+    default_generated_root,
+    ensure_generated,
+    register_generated_splits,
+)
 
 __all__ = [
     "SHAPES_CLASSES",
@@ -70,22 +71,12 @@ _RADIUS_RANGE = (10.0, 30.0)  # circumradius of a shape, pixels
 _INSTANCES_RANGE = (2, 5)  # inclusive range of the number of shapes tried per image
 _MARGIN = 2.0  # minimum distance of a shape's box from the image border and other boxes, pixels
 _SUPERSAMPLE = 4  # anti-aliasing: shapes are rasterised at this scale, then box-filtered down
-_TMP_MARKER = ".tmp-"
 
 
-@dataclass(frozen=True)
-class ShapesSplit:
-    """One split of the shapes dataset.
-
-    Attributes:
-        name: the registered dataset name, e.g. ``"nl_shapes_train"``.
-        num_images: number of images.
-        seed: seed of the split; image ``i`` is drawn from ``np.random.default_rng([seed, i])``.
-    """
-
-    name: str
-    num_images: int
-    seed: int
+# A split of the shapes dataset (name, number of images, seed).
+ShapesSplit = GeneratedSplit
+# Where generated data lives: $NL_DETECTRON_DATA, else datasets/generated of the repository.
+default_shapes_root = default_generated_root
 
 
 SHAPES_SPLITS = (
@@ -94,18 +85,6 @@ SHAPES_SPLITS = (
     # The first 16 images of nl_shapes_val (same seed), for smoke tests.
     ShapesSplit("nl_shapes_mini", num_images=16, seed=1711),
 )
-
-
-def default_shapes_root() -> Path:
-    """``$NL_DETECTRON_DATA`` if set, else ``datasets/generated`` of the repository checkout (or of
-    the current directory when the package is installed outside a checkout)."""
-    env = os.environ.get("NL_DETECTRON_DATA")
-    if env:
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[2]
-    if (repo / "setup.py").is_file() and (repo / "nl_detectron").is_dir():
-        return repo / "datasets" / "generated"
-    return Path("datasets") / "generated"
 
 
 def shapes_split_dir(root: str | os.PathLike, split: ShapesSplit) -> Path:
@@ -343,61 +322,16 @@ def generate_shapes_split(split: ShapesSplit, out_dir: str | os.PathLike) -> Non
         json.dump(coco, f)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale_temp_dirs(final: Path) -> None:
-    """Remove temporary directories of ``final`` left by generations whose process has died."""
-    for tmp in final.parent.glob(f".{final.name}{_TMP_MARKER}*"):
-        pid = tmp.name[len(f".{final.name}{_TMP_MARKER}") :].split("-")[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def ensure_shapes_split(split: ShapesSplit, root: str | os.PathLike | None = None) -> Path:
-    """Generate a split under ``root`` unless it is already there; returns its directory.
-
-    The split is written to a temporary sibling directory and renamed into place when complete.
-    Concurrent callers (e.g. several training processes) each write their own copy and the first
-    rename wins; the others discard theirs.
-    """
+    """Generate a split under ``root`` unless it is already there; returns its directory
+    (atomically: :func:`nl_detectron.data.generated.ensure_generated`)."""
     final = shapes_split_dir(default_shapes_root() if root is None else root, split)
-    if final.is_dir():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temp_dirs(final)
-    tmp = final.parent / f".{final.name}{_TMP_MARKER}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        generate_shapes_split(split, tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not final.is_dir():  # not a lost race with another process: a real error
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return ensure_generated(final, lambda directory: generate_shapes_split(split, directory))
 
 
 # ------------------------------------------------------------------------------------------------
 # Registration
 # ------------------------------------------------------------------------------------------------
-
-
-def _load_split(split: ShapesSplit, root: Path) -> list[dict]:
-    from detectron2.data.datasets import load_coco_json
-
-    directory = ensure_shapes_split(split, root)
-    return load_coco_json(
-        str(directory / "annotations.json"), str(directory / "images"), split.name
-    )
 
 
 def register_shapes_datasets(
@@ -408,22 +342,17 @@ def register_shapes_datasets(
     Like ``register_coco_instances``, with the data generated when the dataset is first loaded
     (``DatasetCatalog.get``). Splits that are already registered are left alone.
     """
-    from detectron2.data import DatasetCatalog, MetadataCatalog
-
     root = default_shapes_root() if root is None else Path(root)
-    for split in splits:
-        if split.name in DatasetCatalog.list():
-            continue
-        DatasetCatalog.register(split.name, lambda split=split: _load_split(split, root))
-        directory = shapes_split_dir(root, split)
-        MetadataCatalog.get(split.name).set(
-            json_file=str(directory / "annotations.json"),
-            image_root=str(directory / "images"),
-            evaluator_type="coco",
-            thing_classes=list(SHAPES_CLASSES),
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(SHAPES_CLASSES))},
-            keypoint_names=list(SHAPES_KEYPOINT_NAMES),
-            keypoint_flip_map=list(SHAPES_KEYPOINT_FLIP_MAP),
-            keypoint_connection_rules=list(SHAPES_KEYPOINT_CONNECTION_RULES),
-            keypoint_oks_sigmas=list(SHAPES_KEYPOINT_OKS_SIGMAS),
-        )
+    register_generated_splits(
+        splits,
+        directory=lambda split: shapes_split_dir(root, split),
+        ensure=lambda split: ensure_shapes_split(split, root),
+        metadata={
+            "thing_classes": list(SHAPES_CLASSES),
+            "thing_dataset_id_to_contiguous_id": {i + 1: i for i in range(len(SHAPES_CLASSES))},
+            "keypoint_names": list(SHAPES_KEYPOINT_NAMES),
+            "keypoint_flip_map": list(SHAPES_KEYPOINT_FLIP_MAP),
+            "keypoint_connection_rules": list(SHAPES_KEYPOINT_CONNECTION_RULES),
+            "keypoint_oks_sigmas": list(SHAPES_KEYPOINT_OKS_SIGMAS),
+        },
+    )

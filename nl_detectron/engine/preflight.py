@@ -20,7 +20,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data import SHAPES_SPLITS
+from ..data import CONTEXT_SPLITS, SHAPES_SPLITS
 from .errors import UserInputError
 
 __all__ = ["check_inputs"]
@@ -36,7 +36,7 @@ _PATH_KEYS = (
     "gt_dir",
 )
 # Datasets generated on first use: nothing needs to exist beforehand.
-_GENERATED_DATASETS = frozenset(split.name for split in SHAPES_SPLITS)
+_GENERATED_DATASETS = frozenset(split.name for split in (*SHAPES_SPLITS, *CONTEXT_SPLITS))
 _QUICKSTART = "configs/quickstart/mask_rcnn_nl_shapes.yaml"
 
 

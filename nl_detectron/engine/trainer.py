@@ -8,6 +8,7 @@ import os
 import weakref
 from typing import Any
 
+import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
@@ -17,6 +18,7 @@ from torch import nn
 from .. import data as _data  # noqa: F401  (registers the bundled datasets)
 from ..compat import TRAINER_SAVES_TRAINER_STATE, ddp_on_any_device, restart_data_loader
 from ..evaluation import FastCOCOEvaluator
+from ..non_local_block import NonLocalBlock
 from .atomic_checkpoint import AtomicCheckpointer
 from .best_checkpointer import BestCheckpointer
 from .data_checks import CheckedDatasetMapper
@@ -86,6 +88,27 @@ class Trainer(DefaultTrainer):
             if "MODEL.NONLOCAL" not in str(e):
                 raise
             raise UserInputError(str(e)) from None
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        """detectron2's optimizer; the NL blocks' parameters at ``MODEL.NONLOCAL.LR_FACTOR``
+        times the learning rate of the others (each in its own parameter group, so the
+        schedule scales both alike)."""
+        optimizer = super().build_optimizer(cfg, model)
+        factor = cfg.MODEL.NONLOCAL.LR_FACTOR if "NONLOCAL" in cfg.MODEL else 1.0
+        if factor == 1.0:
+            return optimizer
+        ids = {
+            id(p) for m in model.modules() if isinstance(m, NonLocalBlock) for p in m.parameters()
+        }
+        groups, optimizer.param_groups = optimizer.param_groups, []
+        for group in groups:
+            non_local = [p for p in group["params"] if id(p) in ids]
+            others = [p for p in group["params"] if id(p) not in ids]
+            for params, lr in ((others, group["lr"]), (non_local, group["lr"] * factor)):
+                if params:
+                    optimizer.param_groups.append({**group, "params": params, "lr": lr})
+        return optimizer
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> ResumableTrainLoader:
