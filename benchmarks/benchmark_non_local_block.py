@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -40,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from machine import cpu_name, load_average, peak_rss  # noqa: E402
 
-from nl_detectron.non_local_block import NonLocalBlock  # noqa: E402
+from nl_detectron.layers import NaiveNonLocal, NonLocalBlock  # noqa: E402
 
 PAIRWISE = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 
@@ -68,64 +67,6 @@ SIZES = {
     "res3": Size(2, 512, 100, 168),  # stride 8
     "quick": Size(2, 64, 12, 20),
 }
-
-
-class NaiveNonLocal(nn.Module):
-    """The paper's formula with the full pairwise map, sharing the weights of ``block``.
-
-    ``concat="pairs"`` builds the released code's ``(N, 2C', HW, M)`` tensor of concatenated
-    pairs for ``w_f``; ``concat="split"`` materialises only ``ReLU(a_i + b_j)`` ``(N, HW, M)``.
-    """
-
-    def __init__(self, block: NonLocalBlock, concat: str = "pairs") -> None:
-        super().__init__()
-        self.block = block
-        self.concat = concat
-
-    def forward(self, x: Tensor) -> Tensor:
-        b = self.block
-        batch, channels, height, width = x.shape
-        theta = x if b.theta is None else b.theta(x)
-        phi = x if b.phi is None else b.phi(x)
-        g = b.g(x)
-        if b.sub_sample:
-            phi = F.max_pool2d(phi, 2, 2, ceil_mode=True)
-            g = F.max_pool2d(g, 2, 2, ceil_mode=True)
-        # (N, C', H, W) -> (N, C', HW); (N, C', H', W') -> (N, C', M)
-        theta, phi = theta.flatten(2), phi.flatten(2)
-        # (N, C', H', W') -> (N, C', M) -> (N, M, C')
-        g = g.flatten(2).transpose(1, 2)
-        m = phi.shape[2]
-        f = self.pairwise_map(theta, phi, m)
-        # (N, HW, M) @ (N, M, C') -> (N, HW, C') -> (N, C', HW) -> (N, C', H, W)
-        y = (f @ g).transpose(1, 2).reshape(batch, -1, height, width)
-        z = b.out_conv(y)
-        if b.out_norm is not None:
-            z = b.out_norm(z)
-        return x + z
-
-    def pairwise_map(self, theta: Tensor, phi: Tensor, m: int) -> Tensor:
-        """f(x_i, x_j) / C(x): ``(N, C', HW), (N, C', M) -> (N, HW, M)``."""
-        b = self.block
-        if b.pairwise in ("embedded_gaussian", "gaussian"):
-            # (N, C', HW) -> (N, HW, C'); (N, HW, C') @ (N, C', M) -> (N, HW, M)
-            return torch.softmax(theta.transpose(1, 2) @ phi * b.scale, dim=2)
-        if b.pairwise == "dot_product":
-            return theta.transpose(1, 2) @ phi / m
-        w_f = b.concat_project.weight.flatten()
-        n = theta.shape[2]
-        if self.concat == "split":
-            a = torch.einsum("c,bcn->bn", w_f[: b.inner_channels], theta)
-            c = torch.einsum("c,bcm->bm", w_f[b.inner_channels :], phi)
-            # (N, HW, 1) + (N, 1, M) -> (N, HW, M)
-            return F.relu(a[:, :, None] + c[:, None, :]) / m
-        # (N, C', HW, M) x 2 -> (N, 2C', HW, M): all concatenated pairs [theta_i, phi_j]
-        pairs = torch.cat(
-            [theta[:, :, :, None].expand(-1, -1, n, m), phi[:, :, None, :].expand(-1, -1, n, m)],
-            dim=1,
-        )
-        # (N, 2C', HW, M) -> (N, 1, HW, M) -> (N, HW, M)
-        return F.relu(b.concat_project(pairs))[:, 0] / m
 
 
 def needed_bytes(impl: str, pairwise: str, size: Size, itemsize: int = 4) -> int:

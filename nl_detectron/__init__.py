@@ -9,12 +9,12 @@ from .third_party_warnings import quiet_third_party_imports
 # Detectron2 warns about its own use of deprecated torch APIs when it is imported: not the user's
 # concern (nl_detectron.third_party_warnings lists each).
 with quiet_third_party_imports():
-    from . import data  # noqa: F401  (registers nl_shapes_train / nl_shapes_val)
+    from . import data  # noqa: F401  (registers the bundled datasets)
     from .config import add_nonlocal_config
-    from .keypoint_head import NonLocalKRCNNConvDeconvUpsampleHead
-    from .mask_head import NonLocalMaskRCNNConvUpsampleHead
-    from .non_local_block import NonLocalBlock
-    from .non_local_resnet import (
+    from .layers import NonLocalBlock
+    from .modeling import (
+        NonLocalKRCNNConvDeconvUpsampleHead,
+        NonLocalMaskRCNNConvUpsampleHead,
         build_non_local_resnet_backbone,
         build_non_local_resnet_fpn_backbone,
     )

@@ -18,13 +18,15 @@ from detectron2.utils.events import EventStorage
 from PIL import Image
 from training_runs import TINY_CONFIG, assert_no_traceback, run_env, train_net
 
+from nl_detectron.config import load_config
 from nl_detectron.data import SHAPES_SPLITS, ensure_shapes_split, shapes_split_dir
-from nl_detectron.engine import Trainer, UserInputError, load_config
-from nl_detectron.engine.data_checks import (
+from nl_detectron.data.checks import (
     CheckedDatasetMapper,
     DataInputError,
     check_dataset_dicts,
 )
+from nl_detectron.engine import Trainer
+from nl_detectron.errors import UserInputError
 
 MINI = next(s for s in SHAPES_SPLITS if s.name == "nl_shapes_mini")
 
@@ -312,7 +314,7 @@ def test_data_loader_worker_errors_read_like_the_original():
     wrapped = DataInputError(
         "Caught DataInputError in DataLoader worker process 0.\nOriginal Traceback (most "
         'recent call last):\n  File "x.py", line 1, in f\n'
-        "nl_detectron.engine.data_checks.DataInputError: Image a.png cannot be read.\n"
+        "nl_detectron.data.checks.DataInputError: Image a.png cannot be read.\n"
     )
     assert str(wrapped) == "Image a.png cannot be read."
 

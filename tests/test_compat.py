@@ -13,7 +13,8 @@ from detectron2.engine import SimpleTrainer
 from torch import nn
 
 import nl_detectron.compat as compat
-from nl_detectron.checkpointer import CheckpointError, NonLocalCheckpointer
+from nl_detectron.checkpoint import NonLocalCheckpointer
+from nl_detectron.errors import CheckpointError
 
 # The behaviours that tell the two hosts apart; on each host they agree.
 MAIN_BEHAVIOURS = (
@@ -123,7 +124,8 @@ def test_url_queries_where_the_host_reads_them(tmp_path):
 def test_trainer_state_is_saved_once(caplog):
     from training_runs import TINY_CONFIG
 
-    from nl_detectron.engine import Trainer, load_config
+    from nl_detectron.config import load_config
+    from nl_detectron.engine import Trainer
 
     cfg = load_config(str(TINY_CONFIG), ["DATASETS.TRAIN", "('nl_shapes_mini',)"])
     trainer = Trainer(cfg)

@@ -20,9 +20,9 @@ from training_runs import (
     train_net,
 )
 
-from nl_detectron.engine import UserInputError
-from nl_detectron.engine.distributed import _ReportUserErrors, launch
-from nl_detectron.sync_batch_norm import SyncBatchNorm
+from nl_detectron.engine.launch import ReportUserErrors, launch
+from nl_detectron.errors import UserInputError
+from nl_detectron.layers import SyncBatchNorm
 
 # Per-process batch sizes of the SyncBN check: unequal, and one process without any element.
 SYNC_BN_CASES = {"uneven": (3, 1), "one empty": (0, 4)}
@@ -238,6 +238,6 @@ def _fails() -> None:
 
 def test_a_user_error_in_a_worker_is_printed_without_traceback(capsys):
     with pytest.raises(SystemExit) as info:
-        _ReportUserErrors(_fails)()
+        ReportUserErrors(_fails)()
     assert info.value.code == 1
     assert capsys.readouterr().err == "error (process 0 of 1): Image x.png cannot be read.\n"

@@ -29,9 +29,11 @@ from detectron2.utils.events import EventStorage
 from tiny_detectors import tiny_cfg
 
 from nl_detectron import NonLocalBlock
-from nl_detectron.checkpointer import CheckpointError, NonLocalCheckpointer
+from nl_detectron.checkpoint import NonLocalCheckpointer
+from nl_detectron.config import load_config
 from nl_detectron.data import SHAPES_SPLITS, register_shapes_datasets
-from nl_detectron.engine import Trainer, load_config
+from nl_detectron.engine import Trainer
+from nl_detectron.errors import CheckpointError
 
 # (backbone layout, heads, NL norm, ResNet norm); the C4 ROI head supports no keypoint head.
 CASES = {

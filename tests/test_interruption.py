@@ -29,8 +29,9 @@ from training_runs import (
     train_net_command,
 )
 
-from nl_detectron.checkpointer import CheckpointError
-from nl_detectron.engine.atomic_checkpoint import AtomicCheckpointer, atomic_write
+from nl_detectron.atomic_files import atomic_write
+from nl_detectron.checkpoint import AtomicCheckpointer
+from nl_detectron.errors import CheckpointError
 
 RUN = REFERENCE_RUN
 

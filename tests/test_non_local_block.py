@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from detectron2.layers import CNNBlockBase
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from nl_detectron.non_local_block import CNNBlockBase, NonLocalBlock
-from nl_detectron.sync_batch_norm import SyncBatchNorm
+from nl_detectron.layers import NaiveNonLocal, NonLocalBlock, SyncBatchNorm
 
 PAIRWISE = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 SOFTMAX_FORMS = ("embedded_gaussian", "gaussian")
@@ -21,44 +21,11 @@ SIZES = {
     2: [(1, 1), (3, 5), (4, 4), (1, 3)],
     3: [(1, 1, 1), (2, 3, 5), (3, 2, 2)],
 }
-POOL_WINDOW = {1: 2, 2: (2, 2), 3: (1, 2, 2)}
-MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
 def reference_forward(block: NonLocalBlock, x: torch.Tensor) -> torch.Tensor:
     """Eq. 1 and 6 of the paper, materialising the (N, HW, M) pairwise map; same weights."""
-    batch, _, *spatial = x.shape
-    theta = x if block.theta is None else block.theta(x)
-    phi = x if block.phi is None else block.phi(x)
-    g = block.g(x)
-    if block.sub_sample:
-        window = POOL_WINDOW[block.dim]
-        # ceil_mode: a partial window at an odd border is pooled over what it covers
-        phi = MAX_POOL[block.dim](phi, window, window, ceil_mode=True)
-        g = MAX_POOL[block.dim](g, window, window, ceil_mode=True)
-    theta, phi = theta.flatten(2), phi.flatten(2)  # (B, C', HW), (B, C', M)
-    g = g.flatten(2).transpose(1, 2)  # (B, M, C')
-    m = phi.shape[2]
-    if block.pairwise in SOFTMAX_FORMS:
-        f = torch.softmax(block.scale * theta.transpose(1, 2) @ phi, dim=2)
-    elif block.pairwise == "dot_product":
-        f = theta.transpose(1, 2) @ phi / m
-    else:  # concatenation: ReLU(w_f^T [theta_i, phi_j]) over all pairs, then / M
-        n = theta.shape[2]
-        pairs = torch.cat(
-            [
-                theta[:, :, :, None].expand(-1, -1, n, m),
-                phi[:, :, None, :].expand(-1, -1, n, m),
-            ],
-            dim=1,
-        )  # (B, 2C', HW, M)
-        w_f = block.concat_project.weight.flatten()
-        f = F.relu(torch.einsum("c,bcnm->bnm", w_f, pairs)) / m
-    y = (f @ g).transpose(1, 2).reshape(batch, -1, *spatial)
-    z = block.out_conv(y)
-    if block.out_norm is not None:
-        z = block.out_norm(z)
-    return x + z
+    return NaiveNonLocal(block)(x)
 
 
 def randomise(block: NonLocalBlock, seed: int = 0) -> NonLocalBlock:
@@ -124,8 +91,8 @@ def test_dot_product_folded_and_unfolded(inner, norm):
     # one C x C map per sample; otherwise not.
     block = NonLocalBlock(32, pairwise="dot_product", inner_channels=inner, norm=norm).double()
     randomise(block, seed=inner)
-    assert block._folds_dot_product(20 * 20) == (2 * inner >= 32)
-    assert not block._folds_dot_product(5 * 7)
+    assert block.pairwise_fn.folds_output(20 * 20) == (2 * inner >= 32)
+    assert not block.pairwise_fn.folds_output(5 * 7)
     for training, size in itertools.product((True, False), [(20, 20), (5, 7)]):
         block.train(training)
         assert_matches_reference(block, make_input(2, size, channels=32, seed=2))
@@ -133,14 +100,14 @@ def test_dot_product_folded_and_unfolded(inner, norm):
 
 @pytest.mark.parametrize("pairwise", SOFTMAX_FORMS)
 @pytest.mark.parametrize("dim", [1, 2, 3])
-@pytest.mark.parametrize("chunk", [None, 7])
+@pytest.mark.parametrize("chunk", [1 << 24, 7])
 def test_inference_path_matches_reference(pairwise, dim, chunk):
     # Without autograd on CPU the softmax forms run in blocks of query rows; with a tiny block
     # size every block boundary (and a ragged last block) is exercised.
-    block = randomise(NonLocalBlock(8, dim=dim, pairwise=pairwise, inner_channels=6)).double()
-    if chunk is not None:
-        block.inference_chunk_elements = chunk
-    block.eval()
+    block = NonLocalBlock(
+        8, dim=dim, pairwise=pairwise, inner_channels=6, inference_chunk_elements=chunk
+    )
+    block = randomise(block).double().eval()
     for i, size in enumerate(SIZES[dim]):
         x = make_input(dim, size, seed=i)
         with torch.no_grad():

@@ -11,9 +11,11 @@ import torch
 from detectron2.utils.events import EventStorage
 from training_runs import TINY_CONFIG, assert_no_traceback, model_weights, train_net
 
-from nl_detectron.engine import Trainer, UserInputError, check_inputs, load_config
-from nl_detectron.engine.atomic_checkpoint import AtomicCheckpointer
-from nl_detectron.engine.divergence import TrainingDivergedError
+from nl_detectron.checkpoint import AtomicCheckpointer
+from nl_detectron.config import load_config
+from nl_detectron.engine import Trainer
+from nl_detectron.errors import TrainingDivergedError, UserInputError
+from nl_detectron.preflight import check_inputs
 
 
 @pytest.mark.slow

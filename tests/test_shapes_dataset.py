@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+import socket
 from dataclasses import replace
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def test_mini_split_is_the_start_of_val(tmp_path):
 def test_generation_is_atomic(tmp_path):
     final = shapes_split_dir(tmp_path, SPLIT)
     # What an interrupted generation leaves: a temporary sibling of a process that is gone.
-    leftover = tmp_path / f".{final.name}.tmp-{2**22 + 7}-deadbeef"
+    leftover = tmp_path / f".{final.name}.tmp-{socket.gethostname()}-{2**22 + 7}.deadbeef"
     (leftover / "images").mkdir(parents=True)
     (leftover / "annotations.json").write_text('{"images": [')
     assert not final.exists()

@@ -216,14 +216,18 @@ def test_config_errors_are_reported_without_traceback(env, tmp_path, args, expec
     ],
 )
 def test_user_errors_name_the_value_and_the_fix(opts, kwargs, expected):
-    from nl_detectron.engine import UserInputError, check_inputs, load_config
+    from nl_detectron.config import load_config
+    from nl_detectron.errors import UserInputError
+    from nl_detectron.preflight import check_inputs
 
     with pytest.raises(UserInputError, match=re.escape(expected)):
         check_inputs(load_config(str(CONFIG), opts), **kwargs)
 
 
 def test_several_problems_are_reported_together():
-    from nl_detectron.engine import UserInputError, check_inputs, load_config
+    from nl_detectron.config import load_config
+    from nl_detectron.errors import UserInputError
+    from nl_detectron.preflight import check_inputs
 
     cfg = load_config(str(CONFIG), ["MODEL.WEIGHTS", "nowhere.pth", "DATASETS.TEST", "('x',)"])
     with pytest.raises(UserInputError, match="2 problems") as info:
@@ -241,7 +245,7 @@ def test_best_checkpointer_keeps_last_checkpoint(tmp_path, periodic_first):
     from detectron2.utils.events import EventStorage
     from torch import nn
 
-    from nl_detectron.engine.best_checkpointer import BestCheckpointer
+    from nl_detectron.checkpoint import BestCheckpointer
 
     checkpointer = DetectionCheckpointer(nn.Linear(2, 2), save_dir=str(tmp_path))
     hook = BestCheckpointer(10, checkpointer, "segm/AP", mode="max")

@@ -14,8 +14,8 @@ from detectron2.data.datasets import register_coco_instances
 from PIL import Image
 
 from nl_detectron.config import add_nonlocal_config
-from nl_detectron.engine import UserInputError
-from nl_detectron.non_local_block import NonLocalBlock
+from nl_detectron.errors import UserInputError
+from nl_detectron.layers import NonLocalBlock
 from nl_detectron.visualization import (
     Predictor,
     QueryPoint,

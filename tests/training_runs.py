@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from detectron2.data.samplers import TrainingSampler
 
-from nl_detectron.engine.train_loader import _PositionedBatches
+from nl_detectron.data.train_loader import PositionedBatches
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO / "tests" / "configs" / "tiny_shapes.yaml"
@@ -152,5 +152,5 @@ def positioned_batches(
     ``rank`` of ``world_size`` gets from a 10-image dataset (seed 3), from batch ``start`` on."""
     sampler = TrainingSampler(10, seed=3)
     sampler._rank, sampler._world_size = rank, world_size
-    batches = _PositionedBatches(sampler, batch_size, group_ids, start, rank, world_size)
+    batches = PositionedBatches(sampler, batch_size, group_ids, start, rank, world_size)
     return list(itertools.islice(batches, count))

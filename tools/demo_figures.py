@@ -9,14 +9,12 @@ writes attention_map.png, predictions.png and training_curves.png into --output.
 """
 
 import argparse
-import logging
 import sys
 from typing import Optional
 
 import nl_detectron  # noqa: F401  (registers the backbones and heads)
 import nl_detectron.data  # noqa: F401  (registers the bundled datasets)
-from nl_detectron.engine import UserInputError
-from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
+from nl_detectron.cli import run_tool
 from nl_detectron.visualization.demo_figures import write_demo_figures
 
 
@@ -33,22 +31,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> Optional[str]:
+    write_demo_figures(
+        args.run,
+        args.output,
+        baseline_dir=args.baseline,
+        dataset=args.dataset,
+        image_index=args.index,
+        num_images=args.num_images,
+    )
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    ignore_known_third_party_warnings()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        write_demo_figures(
-            args.run,
-            args.output,
-            baseline_dir=args.baseline,
-            dataset=args.dataset,
-            image_index=args.index,
-            num_images=args.num_images,
-        )
-    except UserInputError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    run_tool(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,10 @@ Each RUN is a training output folder or its metrics.json, optionally labelled as
 """
 
 import argparse
-import logging
 import sys
 from typing import Optional
 
-from nl_detectron.engine import UserInputError
-from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
+from nl_detectron.cli import run_tool
 from nl_detectron.visualization import parse_run, plot_metrics
 from nl_detectron.visualization.curves import DEFAULT_AP_METRICS
 
@@ -35,17 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> Optional[str]:
+    runs = [parse_run(spec) for spec in args.runs]
+    path = plot_metrics(runs, args.output, ap_metrics=args.ap_metrics, columns=args.columns)
+    return path
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    ignore_known_third_party_warnings()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        runs = [parse_run(spec) for spec in args.runs]
-        path = plot_metrics(runs, args.output, ap_metrics=args.ap_metrics, columns=args.columns)
-    except UserInputError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    logging.getLogger(__name__).info("Wrote %s", path)
+    run_tool(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -23,9 +23,12 @@ from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from nl_detectron.checkpointer import CheckpointError, NonLocalCheckpointer
-from nl_detectron.engine import Trainer, UserInputError, check_inputs, load_config
-from nl_detectron.engine.distributed import backend_for_device, launch
+from nl_detectron.checkpoint import NonLocalCheckpointer
+from nl_detectron.config import load_config
+from nl_detectron.engine import Trainer
+from nl_detectron.engine.launch import backend_for_device, launch
+from nl_detectron.errors import CheckpointError, UserInputError
+from nl_detectron.preflight import check_inputs
 
 
 def setup(args):

@@ -14,20 +14,18 @@ by default the centres of the top-scoring detections. E.g.:
 """
 
 import argparse
-import logging
 import sys
 from typing import Optional
 
 import nl_detectron  # noqa: F401  (registers the backbones and heads)
 import nl_detectron.data  # noqa: F401  (registers the bundled datasets)
-from nl_detectron.engine import UserInputError
-from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
+from nl_detectron.cli import run_tool
 from nl_detectron.visualization import (
     Predictor,
     compute_attention_maps,
     dataset_record,
     draw_attention_maps,
-    load_config,
+    inference_config,
     read_rgb_image,
 )
 
@@ -78,27 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> Optional[str]:
+    cfg = inference_config(args.config_file, args.opts, weights=args.weights)
+    if args.input is not None:
+        image = read_rgb_image(args.input)
+    else:
+        image = read_rgb_image(dataset_record(args.dataset, args.index)["file_name"])
+    predictor = Predictor(cfg, source=args.config_file)
+    result = compute_attention_maps(
+        predictor, image, args.query, top_k=args.top_k, block_names=args.block
+    )
+    path = draw_attention_maps(
+        result, args.output, panel_size=args.panel_size, stretch=args.stretch
+    )
+    return path
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    ignore_known_third_party_warnings()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config_file, args.opts, weights=args.weights)
-        if args.input is not None:
-            image = read_rgb_image(args.input)
-        else:
-            image = read_rgb_image(dataset_record(args.dataset, args.index)["file_name"])
-        predictor = Predictor(cfg, source=args.config_file)
-        result = compute_attention_maps(
-            predictor, image, args.query, top_k=args.top_k, block_names=args.block
-        )
-        path = draw_attention_maps(
-            result, args.output, panel_size=args.panel_size, stretch=args.stretch
-        )
-    except UserInputError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
-    logging.getLogger(__name__).info("Wrote %s", path)
+    run_tool(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

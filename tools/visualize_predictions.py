@@ -10,17 +10,16 @@ drawn by detectron2's Visualizer; one PNG per image, ``<dataset>_<index>.png``. 
 """
 
 import argparse
-import logging
 import sys
 from typing import Optional
 
 import nl_detectron  # noqa: F401  (registers the backbones and heads)
 import nl_detectron.data  # noqa: F401  (registers the bundled datasets)
-from nl_detectron.engine import UserInputError
-from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
+from nl_detectron.cli import run_tool
+from nl_detectron.errors import UserInputError
 from nl_detectron.visualization import (
     Predictor,
-    load_config,
+    inference_config,
     visualize_predictions,
 )
 
@@ -45,33 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run(args: argparse.Namespace) -> Optional[str]:
+    cfg = inference_config(args.config_file, args.opts, weights=args.weights)
+    dataset = args.dataset
+    if dataset is None:
+        if not cfg.DATASETS.TEST:
+            raise UserInputError(
+                f"{args.config_file} has no DATASETS.TEST; pass --dataset with a registered "
+                "dataset name."
+            )
+        dataset = cfg.DATASETS.TEST[0]
+    predictor = Predictor(cfg, source=args.config_file)
+    visualize_predictions(
+        predictor,
+        dataset,
+        args.output,
+        num_images=args.num_images,
+        indices=args.indices,
+        score_threshold=args.score_threshold,
+        scale=args.scale,
+    )
+    return None
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    ignore_known_third_party_warnings()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_config(args.config_file, args.opts, weights=args.weights)
-        dataset = args.dataset
-        if dataset is None:
-            if not cfg.DATASETS.TEST:
-                raise UserInputError(
-                    f"{args.config_file} has no DATASETS.TEST; pass --dataset with a registered "
-                    "dataset name."
-                )
-            dataset = cfg.DATASETS.TEST[0]
-        predictor = Predictor(cfg, source=args.config_file)
-        visualize_predictions(
-            predictor,
-            dataset,
-            args.output,
-            num_images=args.num_images,
-            indices=args.indices,
-            score_threshold=args.score_threshold,
-            scale=args.scale,
-        )
-    except UserInputError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+    run_tool(build_parser(), _run, argv)
 
 
 if __name__ == "__main__":

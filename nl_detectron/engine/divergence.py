@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 
 from detectron2.config import CfgNode
 
-from .errors import UserInputError
+from ..errors import TrainingDivergedError, UserInputError
 
 __all__ = [
     "TrainingDivergedError",
@@ -24,10 +24,6 @@ __all__ = [
     "parse_d2_message",
     "user_errors_logged_without_traceback",
 ]
-
-
-class TrainingDivergedError(UserInputError):
-    """The loss or the weights became NaN or infinite: training cannot go on."""
 
 
 def diverged_message(

@@ -16,21 +16,20 @@ from detectron2.utils import comm
 from torch import nn
 
 from .. import data as _data  # noqa: F401  (registers the bundled datasets)
+from ..checkpoint import AtomicCheckpointer, BestCheckpointer
 from ..compat import TRAINER_SAVES_TRAINER_STATE, ddp_on_any_device, restart_data_loader
+from ..data.checks import CheckedDatasetMapper
+from ..data.train_loader import ReseedEachIteration, ResumableTrainLoader, build_train_loader
+from ..errors import UserInputError
 from ..evaluation import FastCOCOEvaluator
-from ..non_local_block import NonLocalBlock
-from .atomic_checkpoint import AtomicCheckpointer
-from .best_checkpointer import BestCheckpointer
-from .data_checks import CheckedDatasetMapper
-from .distributed import ReplicaConsistencyCheck
+from ..layers import NonLocalBlock
 from .divergence import (
     TrainingDivergedError,
     diverged_message,
     parse_d2_message,
     user_errors_logged_without_traceback,
 )
-from .errors import UserInputError
-from .train_loader import ReseedEachIteration, ResumableTrainLoader, build_train_loader
+from .launch import ReplicaConsistencyCheck
 
 __all__ = ["Trainer", "main_metric"]
 

@@ -12,7 +12,7 @@ from .attention import (
 from .curves import RunMetrics, load_metrics, parse_run, plot_metrics
 from .image_source import dataset_record, dataset_records, read_rgb_image
 from .predictions import draw_ground_truth_and_prediction, visualize_predictions
-from .predictor import Prediction, Predictor, load_config
+from .predictor import Prediction, Predictor, inference_config
 
 __all__ = [
     "AttentionMap",
@@ -26,7 +26,7 @@ __all__ = [
     "dataset_records",
     "draw_attention_maps",
     "draw_ground_truth_and_prediction",
-    "load_config",
+    "inference_config",
     "load_metrics",
     "non_local_blocks",
     "parse_run",

@@ -26,8 +26,8 @@ from matplotlib.axes import Axes
 from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
-from ..engine.errors import UserInputError
-from ..non_local_block import NonLocalBlock
+from ..errors import UserInputError
+from ..layers import NonLocalBlock
 from .figure import pixel_figure, save_png
 from .predictor import Predictor
 

@@ -17,7 +17,7 @@ from typing import Optional, Union
 
 from matplotlib.lines import Line2D
 
-from ..engine.errors import UserInputError
+from ..errors import UserInputError
 from .figure import pixel_figure, save_png
 
 __all__ = ["DEFAULT_AP_METRICS", "RunMetrics", "load_metrics", "parse_run", "plot_metrics"]

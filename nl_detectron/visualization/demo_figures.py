@@ -9,13 +9,13 @@ import logging
 from pathlib import Path
 from typing import Optional, Union
 
-from ..engine.errors import UserInputError
+from ..errors import UserInputError
 from .attention import compute_attention_maps, draw_attention_maps
 from .curves import load_metrics, plot_metrics
 from .figure import save_png
 from .image_source import dataset_record, read_rgb_image
 from .predictions import draw_predictions_sheet
-from .predictor import Predictor, load_config
+from .predictor import Predictor, inference_config
 
 __all__ = ["write_demo_figures"]
 
@@ -54,7 +54,7 @@ def write_demo_figures(
                 f"{path} does not exist: {run_dir} is not a finished training run. Train one "
                 "first (make demo, or tools/train_net.py with OUTPUT_DIR set to it)."
             )
-    cfg = load_config(str(config), weights=str(weights))
+    cfg = inference_config(str(config), weights=str(weights))
     if dataset is None:
         if not cfg.DATASETS.TEST:
             raise UserInputError(f"{config} has no DATASETS.TEST; pass a dataset name.")

@@ -7,7 +7,7 @@ import numpy as np
 from detectron2.data import DatasetCatalog
 from detectron2.data.detection_utils import read_image
 
-from ..engine.errors import UserInputError
+from ..errors import UserInputError
 
 __all__ = ["dataset_record", "dataset_records", "read_rgb_image"]
 

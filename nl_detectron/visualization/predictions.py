@@ -16,7 +16,7 @@ from detectron2.structures import Instances
 from detectron2.utils.visualizer import Visualizer
 from PIL import Image, ImageDraw
 
-from ..engine.errors import UserInputError
+from ..errors import UserInputError
 from .image_source import dataset_records, read_rgb_image
 from .predictor import Predictor
 

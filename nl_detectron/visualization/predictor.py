@@ -12,19 +12,19 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
 
-from ..checkpointer import CheckpointError, NonLocalCheckpointer
-from ..engine.config_loader import load_config as load_run_config
-from ..engine.errors import UserInputError
+from ..checkpoint import NonLocalCheckpointer
+from ..config import load_config
+from ..errors import CheckpointError, UserInputError
 
-__all__ = ["Prediction", "Predictor", "load_config"]
+__all__ = ["Prediction", "Predictor", "inference_config"]
 
 logger = logging.getLogger(__name__)
 
 
-def load_config(
+def inference_config(
     config_file: str, opts: Sequence[str] = (), *, weights: Optional[str] = None
 ) -> CfgNode:
-    """The frozen config of a trained model: :func:`nl_detectron.engine.load_config` (detectron2
+    """The frozen config of a trained model: :func:`nl_detectron.config.load_config` (detectron2
     defaults, ``MODEL.NONLOCAL``, the YAML file, ``KEY VALUE`` overrides), then ``weights``.
 
     Args:
@@ -35,7 +35,7 @@ def load_config(
 
     ``MODEL.DEVICE`` falls back to ``"cpu"`` when CUDA is asked for but not available.
     """
-    cfg = load_run_config(config_file, opts)
+    cfg = load_config(config_file, opts)
     if weights is not None:
         cfg.MODEL.WEIGHTS = weights
     if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
@@ -65,7 +65,7 @@ class Predictor:
     maps image pixels to feature-map positions).
 
     Args:
-        cfg: a config from :func:`load_config`; ``MODEL.WEIGHTS`` is loaded with
+        cfg: a config from :func:`inference_config`; ``MODEL.WEIGHTS`` is loaded with
             ``DetectionCheckpointer`` (``""``: keep the random initialisation).
         source: what the config came from (its file name), used in error messages.
 

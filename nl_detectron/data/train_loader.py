@@ -41,10 +41,11 @@ from detectron2.engine import HookBase
 from detectron2.utils import comm
 from PIL import Image
 
-from .data_checks import CheckedDatasetMapper, load_train_dicts
-from .errors import UserInputError
+from ..errors import UserInputError
+from .checks import CheckedDatasetMapper, load_train_dicts
 
 __all__ = [
+    "PositionedBatches",
     "ReseedEachIteration",
     "ResumableTrainLoader",
     "build_train_loader",
@@ -123,7 +124,7 @@ def _group_ids(dataset_dicts: Sequence[dict]) -> list[int]:
     return ids
 
 
-class _PositionedBatches:
+class PositionedBatches:
     """Batches of ``(position, index)``: the sampler's indices of this process (``position`` is
     the index's place in the sequence of all processes), grouped by aspect ratio as Detectron2's
     ``AspectRatioGroupedDataset`` groups them, from batch ``start`` on."""
@@ -216,7 +217,7 @@ class ResumableTrainLoader:
         )
 
     def __iter__(self) -> Iterator[list]:
-        batches = _PositionedBatches(
+        batches = PositionedBatches(
             self._sampler,
             self.batch_size,
             self._group_ids,

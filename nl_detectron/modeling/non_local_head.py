@@ -1,4 +1,5 @@
-"""Placing non-local blocks between the convs of Detectron2's sequential RoI heads.
+"""Non-local blocks between the convs of Detectron2's sequential RoI heads: the insertion, and
+the mixin that the keypoint and mask heads share.
 
 Detectron2's keypoint and mask heads are ``nn.Sequential`` modules that run their children in
 registration order (which also keeps them scriptable). NL blocks are inserted by re-registering
@@ -9,13 +10,15 @@ vanilla checkpoints load, and the upstream ``layers()`` runs the blocks in place
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
+from detectron2.config import CfgNode
 from torch import nn
 
-from .non_local_block import NonLocalBlock
+from ..config import non_local_block_args
+from .blocks import build_non_local_block
 
-__all__ = ["insert_head_non_local_blocks"]
+__all__ = ["NonLocalHeadMixin", "insert_head_non_local_blocks"]
 
 
 def insert_head_non_local_blocks(
@@ -67,10 +70,8 @@ def insert_head_non_local_blocks(
     blocks = {
         anchors[k - 1]: (
             name_format.format(k),
-            NonLocalBlock(
-                channels[k - 1],
-                inner_channels=int(channels[k - 1] * bottleneck_ratio),
-                **dict(block_args or {}),
+            build_non_local_block(
+                channels[k - 1], bottleneck_ratio=bottleneck_ratio, block_args=block_args
             ),
         )
         for k in sorted(positions)
@@ -83,3 +84,46 @@ def insert_head_non_local_blocks(
         if name in blocks:
             head.add_module(*blocks[name])
     return [name for name, _ in blocks.values()]
+
+
+class NonLocalHeadMixin:
+    """NL blocks for a Detectron2 head whose layers are its sequential children.
+
+    A head class sets :attr:`positions_key` (its ``MODEL.NONLOCAL`` key), takes the keyword
+    arguments ``non_local_positions``, ``non_local_bottleneck_ratio`` and ``non_local_args`` in
+    ``__init__``, calls :meth:`_insert_non_local_blocks` after the upstream ``__init__`` (which
+    initialises its own layers, so the blocks keep theirs: zero gamma, identity), and extends
+    the upstream ``from_config`` with :meth:`_non_local_from_config`.
+    """
+
+    positions_key: ClassVar[str]  # e.g. "KEYPOINT_HEAD_POSITIONS"
+
+    @classmethod
+    def _non_local_from_config(cls, cfg: CfgNode, ret: dict[str, Any]) -> dict[str, Any]:
+        """``ret`` (the upstream ``from_config``) with the NL keyword arguments added."""
+        ret["non_local_positions"] = list(cfg.MODEL.NONLOCAL[cls.positions_key])
+        ret["non_local_bottleneck_ratio"] = cfg.MODEL.NONLOCAL.BOTTLENECK_RATIO
+        ret["non_local_args"] = non_local_block_args(cfg)
+        return ret
+
+    def _insert_non_local_blocks(
+        self,
+        *,
+        anchors: Sequence[str],
+        channels: Sequence[int],
+        positions: Sequence[int],
+        name_format: str,
+        bottleneck_ratio: float,
+        block_args: Mapping[str, Any] | None,
+    ) -> list[str]:
+        """:func:`insert_head_non_local_blocks` on this head, errors naming its config key."""
+        return insert_head_non_local_blocks(
+            self,
+            anchors=anchors,
+            channels=channels,
+            positions=positions,
+            key=f"MODEL.NONLOCAL.{self.positions_key}",
+            name_format=name_format,
+            bottleneck_ratio=bottleneck_ratio,
+            block_args=block_args,
+        )

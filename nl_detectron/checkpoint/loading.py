@@ -1,7 +1,7 @@
 """Loading checkpoints into models with non-local blocks, with a report of what was loaded.
 
 A model with NL blocks has every parameter of its vanilla counterpart under the same name, plus
-the blocks (:mod:`nl_detectron.non_local_resnet`, :mod:`nl_detectron.non_local_head`). Loading a
+the blocks (:mod:`nl_detectron.modeling`). Loading a
 vanilla checkpoint must therefore fill everything but the blocks, which start as identities
 (zero-initialised norm, paper Sec. 4.1), so the loaded model predicts exactly what the vanilla
 one did. Detectron2 loads with ``strict=False`` and only logs what did not fit, so a wrong file
@@ -28,8 +28,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
-from .compat import CHECKPOINTER_TAKES_URL_QUERIES, reset_checkpointer_after_failed_load
-from .non_local_block import NonLocalBlock
+from ..compat import CHECKPOINTER_TAKES_URL_QUERIES, reset_checkpointer_after_failed_load
+from ..errors import CheckpointError
+from ..layers import NonLocalBlock
 
 __all__ = ["CheckpointError", "LoadReport", "NonLocalCheckpointer"]
 
@@ -43,12 +44,6 @@ _UNUSED_IMAGENET_KEYS = frozenset({"stem.conv1.bias"})
 _BANNER = "=" * 100
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
 _PICKLE_PROTO = b"\x80"  # pickle protocol >= 2: .pkl files and pre-1.6 torch.save files
-
-
-class CheckpointError(Exception):
-    """A checkpoint that cannot be loaded: missing, unreadable, holding no model weights, or
-    written by another model when resuming. The message names the file, the problem and the fix.
-    """
 
 
 @dataclass(frozen=True)

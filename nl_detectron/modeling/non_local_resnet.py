@@ -24,8 +24,8 @@ from detectron2.modeling import BACKBONE_REGISTRY, FPN, ResNet, build_resnet_bac
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
-from .config import non_local_block_args
-from .non_local_block import NonLocalBlock
+from ..config import non_local_block_args
+from .blocks import build_non_local_block
 
 __all__ = [
     "build_non_local_resnet_backbone",
@@ -147,10 +147,8 @@ def insert_non_local_blocks(
         for i in range(len(blocks) + 1):
             if i in wanted:
                 channels = blocks[i].in_channels if i < len(blocks) else blocks[-1].out_channels
-                children[_block_name(i, len(blocks))] = NonLocalBlock(
-                    channels,
-                    inner_channels=int(channels * bottleneck_ratio),
-                    **block_args,
+                children[_block_name(i, len(blocks))] = build_non_local_block(
+                    channels, bottleneck_ratio=bottleneck_ratio, block_args=block_args
                 )
             if i < len(blocks):
                 children[str(i)] = blocks[i]

@@ -9,14 +9,13 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_MASK_HEAD_REGISTRY, MaskRCNNConvUpsampleHead
 
-from .config import non_local_block_args
-from .non_local_head import insert_head_non_local_blocks
+from .non_local_head import NonLocalHeadMixin
 
 __all__ = ["NonLocalMaskRCNNConvUpsampleHead"]
 
 
 @ROI_MASK_HEAD_REGISTRY.register()
-class NonLocalMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
+class NonLocalMaskRCNNConvUpsampleHead(NonLocalHeadMixin, MaskRCNNConvUpsampleHead):
     """Detectron2's mask head (3x3 convs, deconv, 1x1 predictor) with NL blocks after convs.
 
     Input: ``(R, C, 14, 14)`` RoI features; output: ``(R, num_classes, 28, 28)`` mask logits;
@@ -24,6 +23,8 @@ class NonLocalMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
     ``predictor``), so vanilla checkpoints load; the NL block after conv k is
     ``non_local_after_mask_fcn{k}``. With no positions it is the vanilla head.
     """
+
+    positions_key = "MASK_HEAD_POSITIONS"
 
     @configurable
     def __init__(
@@ -51,12 +52,10 @@ class NonLocalMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
         # Upstream initialises its convs one by one; the NL blocks, added after, keep their own.
         super().__init__(input_shape, num_classes=num_classes, conv_dims=conv_dims, **kwargs)
         num_convs = len(conv_dims) - 1
-        insert_head_non_local_blocks(
-            self,
+        self._insert_non_local_blocks(
             anchors=[f"mask_fcn{k}" for k in range(1, num_convs + 1)],
             channels=list(conv_dims[:-1]),
             positions=non_local_positions,
-            key="MODEL.NONLOCAL.MASK_HEAD_POSITIONS",
             name_format="non_local_after_mask_fcn{}",
             bottleneck_ratio=non_local_bottleneck_ratio,
             block_args=non_local_args,
@@ -64,8 +63,4 @@ class NonLocalMaskRCNNConvUpsampleHead(MaskRCNNConvUpsampleHead):
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: ShapeSpec) -> dict[str, Any]:
-        ret = super().from_config(cfg, input_shape)
-        ret["non_local_positions"] = list(cfg.MODEL.NONLOCAL.MASK_HEAD_POSITIONS)
-        ret["non_local_bottleneck_ratio"] = cfg.MODEL.NONLOCAL.BOTTLENECK_RATIO
-        ret["non_local_args"] = non_local_block_args(cfg)
-        return ret
+        return cls._non_local_from_config(cfg, super().from_config(cfg, input_shape))

@@ -38,7 +38,7 @@ from detectron2.data.detection_utils import SizeMismatchError
 from detectron2.structures import BoxMode
 from PIL import Image, UnidentifiedImageError
 
-from .errors import UserInputError
+from ..errors import UserInputError
 
 __all__ = ["CheckedDatasetMapper", "DataInputError", "check_dataset_dicts", "load_train_dicts"]
 

@@ -30,13 +30,13 @@ from detectron2.engine import launch as d2_launch
 from detectron2.utils import comm
 from torch.nn.parallel import DistributedDataParallel
 
-from ..checkpointer import CheckpointError
 from ..compat import LAUNCH_RUNS_CPU_PROCESSES
-from .errors import UserInputError
+from ..errors import CheckpointError, UserInputError
 
 __all__ = [
     "DEFAULT_TIMEOUT",
     "ReplicaConsistencyCheck",
+    "ReportUserErrors",
     "backend_for_device",
     "find_free_port",
     "launch",
@@ -117,7 +117,7 @@ def launch(
     if backend == "gloo" and "OMP_NUM_THREADS" not in os.environ:
         # The processes share the machine's cores.
         threads = max(1, (os.cpu_count() or 1) // num_processes_per_machine)
-    wrapped = _ReportUserErrors(main_func, num_threads=threads)
+    wrapped = ReportUserErrors(main_func, num_threads=threads)
     try:
         if backend == "gloo":
             dist_url = _resolve_dist_url(dist_url, num_machines, machine_rank)
@@ -154,7 +154,7 @@ def launch(
     return None
 
 
-class _ReportUserErrors:
+class ReportUserErrors:
     """``main_func`` for a worker process: a :class:`UserInputError` or a
     :class:`~nl_detectron.checkpointer.CheckpointError` is printed to stderr, without a
     traceback, and ends the process with status 1 (the launcher then stops the others).

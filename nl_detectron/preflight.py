@@ -20,7 +20,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..data import CONTEXT_SPLITS, SHAPES_SPLITS
+from .data import CONTEXT_SPLITS, SHAPES_SPLITS
 from .errors import UserInputError
 
 __all__ = ["check_inputs"]

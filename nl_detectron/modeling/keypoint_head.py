@@ -9,14 +9,13 @@ from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
 
-from .config import non_local_block_args
-from .non_local_head import insert_head_non_local_blocks
+from .non_local_head import NonLocalHeadMixin
 
 __all__ = ["NonLocalKRCNNConvDeconvUpsampleHead"]
 
 
 @ROI_KEYPOINT_HEAD_REGISTRY.register()
-class NonLocalKRCNNConvDeconvUpsampleHead(KRCNNConvDeconvUpsampleHead):
+class NonLocalKRCNNConvDeconvUpsampleHead(NonLocalHeadMixin, KRCNNConvDeconvUpsampleHead):
     """Detectron2's keypoint head (3x3 convs, deconv, 2x bilinear upsampling) with NL blocks.
 
     The paper puts 4 NL blocks into the 8-conv, 512-channel head, one after every 2 convs:
@@ -27,6 +26,8 @@ class NonLocalKRCNNConvDeconvUpsampleHead(KRCNNConvDeconvUpsampleHead):
     ``score_lowres``), so vanilla keypoint checkpoints load; the NL block after conv k is
     ``non_local_after_conv_fcn{k}``.
     """
+
+    positions_key = "KEYPOINT_HEAD_POSITIONS"
 
     @configurable
     def __init__(
@@ -53,12 +54,10 @@ class NonLocalKRCNNConvDeconvUpsampleHead(KRCNNConvDeconvUpsampleHead):
         # Upstream initialises the head with one loop over all its parameters. It runs here,
         # before any NL block exists, so the blocks keep their own init (zero gamma: identity).
         super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
-        insert_head_non_local_blocks(
-            self,
+        self._insert_non_local_blocks(
             anchors=[f"conv_fcn_relu{k}" for k in range(1, len(conv_dims) + 1)],
             channels=list(conv_dims),
             positions=non_local_positions,
-            key="MODEL.NONLOCAL.KEYPOINT_HEAD_POSITIONS",
             name_format="non_local_after_conv_fcn{}",
             bottleneck_ratio=non_local_bottleneck_ratio,
             block_args=non_local_args,
@@ -66,8 +65,4 @@ class NonLocalKRCNNConvDeconvUpsampleHead(KRCNNConvDeconvUpsampleHead):
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: ShapeSpec) -> dict[str, Any]:
-        ret = super().from_config(cfg, input_shape)
-        ret["non_local_positions"] = list(cfg.MODEL.NONLOCAL.KEYPOINT_HEAD_POSITIONS)
-        ret["non_local_bottleneck_ratio"] = cfg.MODEL.NONLOCAL.BOTTLENECK_RATIO
-        ret["non_local_args"] = non_local_block_args(cfg)
-        return ret
+        return cls._non_local_from_config(cfg, super().from_config(cfg, input_shape))

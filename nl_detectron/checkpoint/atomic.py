@@ -5,7 +5,8 @@ fvcore's ``Checkpointer.save`` writes ``model_XXXXXXX.pth`` in place and then re
 ``last_checkpoint`` that is empty or names a truncated file, and ``--resume`` then fails or, worse,
 resumes from garbage. :class:`AtomicCheckpointer` writes each file to a temporary file in the same
 directory, flushes it to disk (``fsync``) and renames it into place (``os.replace``, atomic on
-POSIX), and tags ``last_checkpoint`` the same way only after the checkpoint itself is in place.
+POSIX), and tags ``last_checkpoint`` the same way only after the checkpoint itself is in place
+(:mod:`nl_detectron.atomic_files`).
 So at every instant ``last_checkpoint`` names a complete checkpoint (or does not exist), and a
 kill leaves at most a hidden temporary file, which is never read and is removed by the next run.
 
@@ -19,96 +20,21 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..checkpointer import CheckpointError, NonLocalCheckpointer
-from .divergence import TrainingDivergedError
+from ..atomic_files import atomic_write, remove_stale_temp
+from ..errors import CheckpointError, TrainingDivergedError
+from .loading import NonLocalCheckpointer
 
-__all__ = ["AtomicCheckpointer", "atomic_write"]
+__all__ = ["AtomicCheckpointer"]
 
 logger = logging.getLogger(__name__)
 
-_TMP_INFIX = ".tmp-"
 # Checkpoints written by PeriodicCheckpointer, "model_0004999.pth" (any prefix).
 _PERIODIC = re.compile(r"^(?P<prefix>.+)_(?P<iteration>\d{7})\.pth$")
-
-
-def _temp_path(path: str) -> str:
-    """A hidden sibling of ``path`` unique to this process: ``dir/.name.tmp-HOST-PID``."""
-    directory, name = os.path.split(path)
-    return os.path.join(directory, f".{name}{_TMP_INFIX}{socket.gethostname()}-{os.getpid()}")
-
-
-def _fsync_directory(directory: str) -> None:
-    """Make a rename in ``directory`` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory or ".", os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, write: Any, mode: str = "wb") -> None:
-    """Create or replace ``path`` atomically: ``write(f)`` fills a temporary file in the same
-    directory, which is flushed to disk and renamed to ``path``. If anything fails (or the
-    process is killed) ``path`` is unchanged; the temporary file is removed on failure."""
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_directory(os.path.dirname(path))
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_temp_files(directory: str) -> list[str]:
-    """Remove the temporary files that processes of this host, now dead, left in ``directory``
-    (killed while saving). Returns their paths."""
-    host = socket.gethostname()
-    removed = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(".") or _TMP_INFIX not in name:
-            continue
-        owner = name.rsplit(_TMP_INFIX, 1)[1]
-        owner_host, _, pid = owner.rpartition("-")
-        if owner_host == host and pid.isdigit() and not _pid_alive(int(pid)):
-            path = os.path.join(directory, name)
-            try:
-                os.remove(path)
-            except OSError:
-                continue
-            removed.append(path)
-    return removed
 
 
 def _non_finite_tensors(state: dict[str, Any]) -> list[str]:
@@ -136,7 +62,7 @@ class AtomicCheckpointer(NonLocalCheckpointer):
     def __init__(self, model: nn.Module, save_dir: str = "", **kwargs: Any) -> None:
         super().__init__(model, save_dir, **kwargs)
         if self.save_to_disk and self._local():
-            for path in remove_stale_temp_files(self.save_dir):
+            for path in remove_stale_temp(self.save_dir):
                 logger.info(f"Removed {path}, a checkpoint left half-written by a killed run.")
 
     def _local(self) -> bool:

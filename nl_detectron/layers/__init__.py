@@ -1,0 +1,26 @@
+"""The non-local block and its parts (no Detectron2 model code; no config)."""
+
+from .non_local_block import NORMS, NonLocalBlock
+from .pairwise import (
+    PAIRWISE_FUNCTIONS,
+    Concatenation,
+    DotProduct,
+    EmbeddedGaussian,
+    Gaussian,
+    PairwiseFunction,
+)
+from .reference import NaiveNonLocal
+from .sync_batch_norm import SyncBatchNorm
+
+__all__ = [
+    "NORMS",
+    "PAIRWISE_FUNCTIONS",
+    "Concatenation",
+    "DotProduct",
+    "EmbeddedGaussian",
+    "Gaussian",
+    "NaiveNonLocal",
+    "NonLocalBlock",
+    "PairwiseFunction",
+    "SyncBatchNorm",
+]

@@ -1,0 +1,322 @@
+"""The non-local block of "Non-local Neural Networks" (Wang et al., CVPR 2018), Sec. 3.
+
+    y_i = 1 / C(x) * sum_j f(x_i, x_j) g(x_j)        z_i = W_z y_i + x_i        (Eq. 1 and 6)
+
+Shapes: N is the batch (as in detectron2), HW the number of query positions (all spatial
+positions, whatever ``dim``), M the number of key positions after sub-sampling, C the block's
+channels and C' the inner channels. The pairwise functions f (:mod:`.pairwise`) never
+materialise the HW x M map whole; the tensor helpers are in :mod:`.tensor_ops`.
+"""
+
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from detectron2.layers import CNNBlockBase
+from torch import Tensor, nn
+
+from .pairwise import make_pairwise
+from .sync_batch_norm import SyncBatchNorm
+from .tensor_ops import (
+    MaxPoolKeepingIndices,
+    conv_matrix,
+    linear,
+    pointwise,
+    pool_window,
+    shape_str,
+)
+
+__all__ = ["NORMS", "NonLocalBlock"]
+
+NORMS = ("BN", "SyncBN", "GN", "")
+_INPUT_LAYOUT = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, T, H, W)"}
+
+
+def _make_norm(norm: Optional[str], channels: int, dim: int) -> Optional[nn.Module]:
+    """The norm after ``W_z`` (paper Sec. 4.1: BN with gamma initialised to 0), or None."""
+    if norm is None or norm == "":
+        return None
+    if norm == "FrozenBN":
+        raise ValueError(
+            "NonLocalBlock does not support norm='FrozenBN': its gamma is initialised to 0 and a "
+            "frozen BN never updates it, so the block would stay a no-op forever. "
+            "Use norm='BN', 'SyncBN', 'GN' or '' (no norm; then W_z is zero-initialised)."
+        )
+    if norm == "BN":
+        return (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)[dim - 1](channels)
+    if norm == "SyncBN":
+        # Plain batch norm when torch.distributed is not initialised or has a single process;
+        # synchronised across processes on GPUs and, unlike nn.SyncBatchNorm, on CPUs (gloo).
+        return SyncBatchNorm(channels)
+    if norm == "GN":
+        if channels % 32 != 0:
+            raise ValueError(
+                f"NonLocalBlock with norm='GN' uses GroupNorm with 32 groups, so in_channels must "
+                f"be divisible by 32; got in_channels={channels}."
+            )
+        return nn.GroupNorm(32, channels)
+    raise ValueError(f"Unknown norm {norm!r} for NonLocalBlock; valid norms are {NORMS}.")
+
+
+class NonLocalBlock(CNNBlockBase):
+    """Non-local block (paper Sec. 3.3, Fig. 2) for 1D, 2D or spatio-temporal 3D feature maps.
+
+    Input and output: ``(N, C, L)`` for ``dim=1``, ``(N, C, H, W)`` for ``dim=2``,
+    ``(N, C, T, H, W)`` for ``dim=3``; the output has the input's shape and the block is an exact
+    identity at construction (the last norm's gamma, or ``W_z`` without a norm, is zero).
+
+    Args:
+        in_channels: C, channels of the input and output.
+        dim: 1, 2 or 3 spatial dimensions.
+        pairwise: ``"embedded_gaussian"`` (default, the paper's), ``"gaussian"``,
+            ``"dot_product"`` or ``"concatenation"`` (Sec. 3.2).
+        inner_channels: C', channels of theta, phi and g; default ``in_channels // 2`` (Sec. 3.3).
+        sub_sample: max-pool phi and g by 2 (1D), 2x2 (2D) or 1x2x2 (3D) (Sec. 3.3). Pooling
+            uses ``ceil_mode`` so odd sizes keep their last row and sizes of 1 are not pooled.
+        scale: factor on the logits of the two Gaussian forms. None means ``C' ** -0.5`` for the
+            embedded Gaussian (the released code's default) and ``C ** -0.5`` for the Gaussian,
+            whose logits are dot products of raw C-channel features; 1.0 is the paper's formula.
+            Ignored by dot product and concatenation.
+        norm: ``"BN"``, ``"SyncBN"``, ``"GN"`` (32 groups) or ``""``/None, after ``W_z``.
+            ``"FrozenBN"`` is refused: with gamma 0 it would keep the block a no-op.
+        init_std: std of the Gaussian init of the 1x1 convs (released code: 0.01); None: MSRA
+            (He) init, the paper's (Sec. 4.1), whose scale does not depend on the widths.
+        inference_chunk_elements: the softmax forms in CPU inference compute the pairwise map in
+            blocks of at most this many entries (default 2^24: 64 MB in float32).
+
+    Submodules: ``theta``, ``phi`` (None for the Gaussian form, which uses x itself), ``g``,
+    ``concat_project`` (w_f of the concatenation form, else None), ``out_conv`` (W_z),
+    ``out_norm`` (None without a norm) and ``pairwise_fn`` (f, no parameters). The 1x1
+    convolutions are stored as ``nn.Conv{1,2,3}d`` (the usual checkpoint layout) but applied as
+    matrix products over the flattened positions, the same arithmetic and faster on CPU; their
+    forward hooks therefore do not run.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        *,
+        dim: int = 2,
+        pairwise: str = "embedded_gaussian",
+        inner_channels: Optional[int] = None,
+        sub_sample: bool = True,
+        scale: Optional[float] = None,
+        norm: Optional[str] = "BN",
+        init_std: Optional[float] = 0.01,
+        inference_chunk_elements: int = 1 << 24,
+    ) -> None:
+        super().__init__(in_channels, in_channels, 1)
+        if dim not in (1, 2, 3):
+            raise ValueError(f"NonLocalBlock supports dim 1, 2 or 3; got dim={dim!r}.")
+        if inner_channels is None:
+            inner_channels = in_channels // 2
+        if inner_channels <= 0:
+            raise ValueError(
+                f"NonLocalBlock needs a positive number of inner channels; got "
+                f"inner_channels={inner_channels} (in_channels={in_channels})."
+            )
+        if scale is not None and scale <= 0:
+            raise ValueError(f"NonLocalBlock scale must be positive or None; got scale={scale}.")
+        self.dim = dim
+        self.pairwise = pairwise
+        self.inner_channels = inner_channels
+        self.sub_sample = sub_sample
+        self._input_layout = _INPUT_LAYOUT[dim]
+        self.pairwise_fn = make_pairwise(
+            pairwise, in_channels, inner_channels, scale, inference_chunk_elements
+        )
+        self.scale: Optional[float] = getattr(self.pairwise_fn, "scale", None)
+
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[dim - 1]
+        embeds = self.pairwise_fn.uses_embeddings
+        self.theta = conv(in_channels, inner_channels, 1) if embeds else None
+        self.phi = conv(in_channels, inner_channels, 1) if embeds else None
+        self.g = conv(in_channels, inner_channels, 1)
+        # w_f of ReLU(w_f^T [theta_i, phi_j]), a 1x1 conv from the 2C' concatenated channels.
+        self.concat_project = (
+            conv(2 * inner_channels, 1, 1, bias=False) if pairwise == "concatenation" else None
+        )
+        self.out_norm = _make_norm(norm, in_channels, dim)
+        self.out_conv = conv(inner_channels, in_channels, 1, bias=self.out_norm is None)
+        # On an empty batch a training-mode batch norm has no statistics: it is skipped there,
+        # except a SyncBN that synchronises, which must join the other processes' collectives.
+        self._batch_norm = isinstance(self.out_norm, nn.modules.batchnorm._BatchNorm)
+        self._sync_norm = isinstance(self.out_norm, SyncBatchNorm)
+
+        for layer in (self.theta, self.phi, self.g, self.concat_project, self.out_conv):
+            if layer is not None:
+                if init_std is None:
+                    nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                else:
+                    nn.init.normal_(layer.weight, std=init_std)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        # Zero-init last (Sec. 4.1): the block starts as an identity, so inserting it into a
+        # pretrained network keeps that network's behaviour.
+        if self.out_norm is not None:
+            nn.init.zeros_(self.out_norm.weight)
+        else:
+            nn.init.zeros_(self.out_conv.weight)
+            nn.init.zeros_(self.out_conv.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, pairwise={self.pairwise!r}, inner_channels={self.inner_channels}, "
+            f"sub_sample={self.sub_sample}, scale={self.scale}"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C, *S) -> (N, C, *S)``: ``x + norm(W_z y)`` with y of Eq. 1."""
+        self._check_input(x)
+        # (N, C, *S) -> (N, C, HW), a view
+        flat = x.flatten(2)
+        # Keys and values, sub-sampled: (N, C', M) each (keys (N, C, M) for the Gaussian form)
+        keys, values, _ = self._keys_values(x, flat)
+        w_z, theta_weight, theta_bias = self.out_conv, self._theta_weight(), self._theta_bias()
+        if self.pairwise_fn.folds_output(flat.shape[2]):
+            # Dot product on a large map: W_z y as one (N, C, C) map of x itself
+            assert theta_weight is not None and theta_bias is not None
+            weight, bias = self.pairwise_fn.output_map(
+                keys, values, theta_weight, theta_bias, w_z.weight, w_z.bias, x.dtype
+            )
+            z = self._project(flat, list(x.shape), weight, bias)
+        else:
+            queries = self.pairwise_fn.embed_queries(flat, theta_weight, theta_bias, self._w_f())
+            # y of Eq. 1: (N, C', HW)
+            y = self.pairwise_fn(queries, keys, values, self._w_f())
+            z = self._project(y.to(x.dtype), list(x.shape), conv_matrix(w_z.weight), w_z.bias)
+        if z.dtype != x.dtype:  # autocast
+            return x + z
+        # In place: neither the norm nor W_z keeps its output for the backward pass.
+        return z.add_(x)
+
+    # ----------------------------------------------------------------------------------------
+    # The steps of forward.
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() != self.dim + 2:
+            raise ValueError(
+                f"NonLocalBlock(dim={self.dim}) takes an input of shape "
+                f"{self._input_layout}. Got {shape_str(x.shape)} instead!"
+            )
+
+    def _theta_weight(self) -> Optional[Tensor]:
+        return None if self.theta is None else self.theta.weight
+
+    def _theta_bias(self) -> Optional[Tensor]:
+        return None if self.theta is None else self.theta.bias
+
+    def _w_f(self) -> Optional[Tensor]:
+        return None if self.concat_project is None else self.concat_project.weight
+
+    def _keys_values(self, x: Tensor, flat: Tensor) -> tuple[Tensor, Tensor, list[int]]:
+        """Sub-sampled phi(x_j) (x_j for the Gaussian form) and g(x_j).
+
+        ``(N, C, *S), (N, C, HW) -> (N, C', M), (N, C', M)`` and the sub-sampled grid ``S'``,
+        ``M = prod(S')``.
+        """
+        spatial = list(x.shape[2:])
+        if self.phi is None:
+            # (N, C', HW) -> (N, C', *S)
+            values = pointwise(self.g.weight, self.g.bias, flat)
+            values = values.view([x.shape[0], self.inner_channels] + spatial)
+            keys = x
+            if self.sub_sample:
+                keys, values = self._pool(keys), self._pool(values)
+            # (N, C, *S') -> (N, C, M)
+            return keys.flatten(2), values.flatten(2), list(values.shape[2:])
+        # phi and g in one product: (N, C, HW) -> (N, 2C', HW) -> (N, 2C', *S)
+        phi_bias, g_bias = self.phi.bias, self.g.bias
+        assert phi_bias is not None and g_bias is not None
+        weight = torch.cat([self.phi.weight, self.g.weight])
+        both = pointwise(weight, torch.cat([phi_bias, g_bias]), flat)
+        both = both.view([x.shape[0], 2 * self.inner_channels] + spatial)
+        if self.sub_sample:
+            both = self._pool(both)
+        key_shape = list(both.shape[2:])
+        # (N, 2C', *S') -> (N, 2C', M) -> (N, C', M) x 2
+        both = both.flatten(2)
+        return both[:, : self.inner_channels], both[:, self.inner_channels :], key_shape
+
+    def _pool(self, t: Tensor) -> Tensor:
+        """Max-pool by 2 (1D), 2x2 (2D) or 1x2x2 (3D), ceil mode (partial windows kept)."""
+        if not torch.jit.is_scripting() and t.requires_grad and torch.is_grad_enabled():
+            return self._pool_keeping_indices(t)
+        if self.dim == 1:
+            return F.max_pool1d(t, 2, 2, 0, 1, True)
+        if self.dim == 2:
+            return F.max_pool2d(t, 2, 2, 0, 1, True)
+        return F.max_pool3d(t, [1, 2, 2], [1, 2, 2], 0, 1, True)
+
+    @torch.jit.unused
+    def _pool_keeping_indices(self, t: Tensor) -> Tensor:
+        """:meth:`_pool` for autograd, saving int32 indices only (MaxPoolKeepingIndices)."""
+        return MaxPoolKeepingIndices.apply(t, pool_window(self.dim))
+
+    def _project(
+        self, inputs: Tensor, shape: list[int], weight: Tensor, bias: Optional[Tensor]
+    ) -> Tensor:
+        """``norm(weight inputs + bias)`` in the shape ``shape`` of x.
+
+        ``weight inputs + bias`` is ``W_z y``: ``(C, C')`` by ``(N, C', HW)``, or for the folded
+        dot-product form a per-sample ``(N, C, C)`` map of x itself. A batch norm in eval mode is
+        an affine map and is folded into the weight (one pass over the output less). On an empty
+        batch a training-mode batch norm has no statistics and is skipped, except a SyncBN that
+        synchronises, which must join the collective calls.
+        """
+        norm = self.out_norm
+        if norm is None:
+            return linear(weight, bias, inputs).view(shape)
+        if not self.training and hasattr(norm, "running_var"):
+            mean, var, gamma, beta = norm.running_mean, norm.running_var, norm.weight, norm.bias
+            if mean is not None and var is not None and gamma is not None and beta is not None:
+                scale = gamma * torch.rsqrt(var + norm.eps)
+                folded_bias = beta - mean * scale
+                if bias is not None:
+                    folded_bias = folded_bias + bias * scale
+                # rows (output channels) of the weight scaled by the norm
+                return linear(weight * scale[:, None], folded_bias, inputs).view(shape)
+        # (N, C_in, HW) -> (N, C, HW) -> (N, C, *S)
+        z = linear(weight, bias, inputs).view(shape)
+        if (
+            inputs.shape[0] == 0
+            and self.training
+            and self._batch_norm
+            and not (self._sync_norm and self._synchronising())
+        ):
+            # Keep gamma and beta in the autograd graph (zero gradients) for DDP.
+            return z + 0.0 * (norm.weight.sum() + norm.bias.sum())
+        return norm(z)
+
+    @torch.jit.unused
+    def _synchronising(self) -> bool:
+        """Whether a SyncBN ``out_norm`` synchronises statistics across processes now."""
+        dist = torch.distributed
+        return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+    # ----------------------------------------------------------------------------------------
+
+    @torch.jit.unused
+    def affinity(self, x: Tensor, query_index: Tensor) -> tuple[Tensor, list[int]]:
+        """Normalised affinities ``f(x_i, x_j) / C(x)`` for chosen queries i (for visualisation).
+
+        Args:
+            x: ``(N, C, *S)`` input of the block.
+            query_index: ``(Q,)`` integer indices into the flattened ``S`` (row-major order).
+
+        Returns:
+            A ``(N, Q, M)`` tensor (float32 for half inputs), one row per query over the M key
+            positions (softmax rows for the Gaussian forms, which sum to 1; ``f / M`` for the
+            other two), and the key grid ``S'`` as a list (``M = prod(S')``; sub-sampled when
+            ``sub_sample``). Only these Q rows are computed, never the full map.
+        """
+        self._check_input(x)
+        # (N, C, *S) -> (N, C, HW) -> (N, C, Q)
+        flat = x.flatten(2)
+        chosen = flat[:, :, query_index.to(device=x.device, dtype=torch.long)]
+        keys, _, key_shape = self._keys_values(x, flat)
+        queries = self.pairwise_fn.embed_queries(
+            chosen, self._theta_weight(), self._theta_bias(), self._w_f()
+        )
+        return self.pairwise_fn.rows(queries, keys, self._w_f()), key_shape

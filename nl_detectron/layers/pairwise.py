@@ -1,0 +1,299 @@
+"""The four pairwise functions f of the non-local block (paper Sec. 3.2), each computed without
+materialising the ``HW x M`` pairwise map.
+
+Each is a parameter-free module: the block owns the weights (theta, phi, g, w_f, W_z, under their
+usual checkpoint names) and hands the embedded tensors over. Shapes: N batch, HW query positions,
+M key positions (after sub-sampling), C the block's channels, C' the inner channels; every tensor
+is channels-first, ``(N, C', L)``. Interface:
+
+- ``embed_queries(x, theta_weight, theta_bias, w_f)``: what the form compares keys with, from the
+  block's flattened input ``(N, C, HW)``;
+- ``forward(queries, keys, values, w_f)``: ``y_i = 1/C(x) sum_j f(x_i, x_j) g(x_j)``,
+  ``(N, C', HW)``;
+- ``rows(queries, keys, w_f)``: the normalised ``f(x_i, x_j) / C(x)`` of a few queries explicitly,
+  ``(N, Q, M)``, for attention maps;
+- ``folds_output(HW)`` / ``output_map(...)``: whether, and how, W_z y is computed as one map of x
+  (dot product on large maps).
+"""
+
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .tensor_ops import conv_matrix, pointwise, rows, upcast
+
+__all__ = [
+    "PAIRWISE_FUNCTIONS",
+    "Concatenation",
+    "DotProduct",
+    "EmbeddedGaussian",
+    "Gaussian",
+    "PairwiseFunction",
+    "make_pairwise",
+]
+
+
+class PairwiseFunction(nn.Module):
+    """Base of the pairwise functions (the interface in the module docstring)."""
+
+    uses_embeddings = True  # theta and phi; False: x itself (the Gaussian form)
+
+    def embed_queries(
+        self,
+        x: Tensor,
+        theta_weight: Optional[Tensor],
+        theta_bias: Optional[Tensor],
+        w_f: Optional[Tensor],
+    ) -> Tensor:
+        """theta(x_i): ``(N, C, HW) -> (N, C', HW)``."""
+        assert theta_weight is not None
+        return pointwise(theta_weight, theta_bias, x)
+
+    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, w_f: Optional[Tensor]):
+        raise NotImplementedError
+
+    def rows(self, queries: Tensor, keys: Tensor, w_f: Optional[Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def folds_output(self, positions: int) -> bool:
+        return False
+
+    def output_map(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        theta_weight: Tensor,
+        theta_bias: Tensor,
+        w_z_weight: Tensor,
+        w_z_bias: Optional[Tensor],
+        dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor]:
+        raise RuntimeError("this pairwise function does not fold W_z y into a map of x")
+
+
+class _Softmax(PairwiseFunction):
+    """``y_i = sum_j softmax_j(scale * q_i^T k_j) g_j`` (C(x) = sum_j f).
+
+    Trick: fused attention (``F.scaled_dot_product_attention``) never stores the ``HW x M`` map and
+    accumulates the logits in float32 for half inputs (no fp16 overflow); its fused kernels need
+    equal query and value widths, so the narrower side is zero-padded (which changes neither
+    logits nor values). On CPU without autograd (inference), where the fused kernel is slower,
+    two batched matrix products per block of query rows, at most ``chunk_elements`` map entries
+    at a time, without padding.
+    """
+
+    def __init__(self, scale: float, chunk_elements: int) -> None:
+        super().__init__()
+        self.scale = scale
+        self.chunk_elements = chunk_elements
+
+    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, w_f: Optional[Tensor]):
+        if queries.device.type == "cpu" and not (
+            queries.requires_grad or keys.requires_grad or values.requires_grad
+        ):
+            return self._in_chunks(queries, keys, values)
+        width = max(queries.shape[1], values.shape[1])
+        # (N, C', L) -> (N, 1, L, width): one attention head, positions as rows
+        q = rows(queries, width)[:, None]
+        k = rows(keys, width)[:, None]
+        v = rows(values, width)[:, None]
+        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        # (N, 1, HW, width) -> (N, HW, C') -> (N, C', HW)
+        return y[:, 0, :, : values.shape[1]].transpose(1, 2)
+
+    def _in_chunks(self, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        # (N, Cq, HW) -> (N, HW, Cq), scaled once here rather than every logit
+        q = (upcast(queries) * self.scale).transpose(1, 2)
+        k = upcast(keys)
+        # (N, C', M) -> (N, M, C')
+        v = upcast(values).transpose(1, 2)
+        batch, positions, m = q.shape[0], q.shape[1], k.shape[2]
+        y = q.new_empty([batch, positions, v.shape[2]])
+        step = max(1, self.chunk_elements // max(1, batch * m))
+        for start in range(0, positions, step):
+            # (N, rows, Cq) @ (N, Cq, M) -> (N, rows, M)
+            weights = torch.softmax(torch.bmm(q[:, start : start + step], k), dim=2)
+            # (N, rows, M) @ (N, M, C') -> (N, rows, C')
+            y[:, start : start + step] = torch.bmm(weights, v)
+        # (N, HW, C') -> (N, C', HW)
+        return y.transpose(1, 2)
+
+    @torch.jit.unused
+    def rows(self, queries: Tensor, keys: Tensor, w_f: Optional[Tensor]) -> Tensor:
+        # (N, Cq, Q)^T @ (N, Cq, M) -> (N, Q, M)
+        logits = upcast(queries).transpose(1, 2) @ upcast(keys)
+        return torch.softmax(logits * self.scale, dim=2)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.4g}"
+
+
+class EmbeddedGaussian(_Softmax):
+    """``f = exp(theta(x_i)^T phi(x_j))``: self-attention (the paper's default)."""
+
+
+class Gaussian(_Softmax):
+    """``f = exp(x_i^T x_j)``: the raw features compared, no embedding."""
+
+    uses_embeddings = False
+
+    def embed_queries(
+        self,
+        x: Tensor,
+        theta_weight: Optional[Tensor],
+        theta_bias: Optional[Tensor],
+        w_f: Optional[Tensor],
+    ) -> Tensor:
+        return x
+
+
+class DotProduct(PairwiseFunction):
+    """``f = theta(x_i)^T phi(x_j)``, C(x) = M.
+
+    Trick: reassociated as ``y = (phi^T g)^T theta / M``, linear in HW and M; each factor of
+    ``phi^T g`` gets ``M ** -0.5`` so that it is an average and cannot overflow fp16. On large
+    maps (``HW >= 5 (C + C')``, with C' >= C/2) theta, ``K = phi^T g / M`` and W_z fold into one
+    C x C map of x per sample, whose construction costs at most 5 % of the block's four 1x1
+    convolutions, and which stores neither theta(x) nor y for the backward pass.
+    """
+
+    def __init__(self, channels: int, inner_channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.inner_channels = inner_channels
+        self.folds = 2 * inner_channels >= channels
+
+    def _kv(self, keys: Tensor, values: Tensor) -> Tensor:
+        k, v = upcast(keys), upcast(values)
+        norm = k.shape[2] ** -0.5
+        # (N, C', M) @ (N, M, C') -> (N, C', C'): sum_j phi_j g_j^T / M
+        return (k * norm) @ (v * norm).transpose(1, 2)
+
+    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, w_f: Optional[Tensor]):
+        # (N, C', C')^T @ (N, C', HW) -> (N, C', HW)
+        return self._kv(keys, values).transpose(1, 2) @ upcast(queries)
+
+    @torch.jit.unused
+    def rows(self, queries: Tensor, keys: Tensor, w_f: Optional[Tensor]) -> Tensor:
+        # (N, C', Q)^T @ (N, C', M) -> (N, Q, M)
+        return upcast(queries).transpose(1, 2) @ upcast(keys) / keys.shape[2]
+
+    def folds_output(self, positions: int) -> bool:
+        return self.folds and positions >= 5 * (self.channels + self.inner_channels)
+
+    def output_map(
+        self,
+        keys: Tensor,
+        values: Tensor,
+        theta_weight: Tensor,
+        theta_bias: Tensor,
+        w_z_weight: Tensor,
+        w_z_bias: Optional[Tensor],
+        dtype: torch.dtype,
+    ) -> tuple[Tensor, Tensor]:
+        """``W_z y_i + b_z = A x_i + c`` per sample: ``y_i = K^T theta(x_i)``, so
+        ``A = W_z K^T W_theta`` (N, C, C) and ``c = W_z K^T b_theta + b_z`` (N, C), in ``dtype``."""
+        # (C, C') @ (N, C', C') -> (N, C, C'): W_z K^T
+        left = upcast(conv_matrix(w_z_weight)) @ self._kv(keys, values).transpose(1, 2)
+        # (N, C, C') @ (C', C) -> (N, C, C); (N, C, C') @ (C') -> (N, C)
+        weight = left @ upcast(conv_matrix(theta_weight))
+        bias = left @ upcast(theta_bias)
+        if w_z_bias is not None:
+            bias = bias + upcast(w_z_bias)
+        return weight.to(dtype), bias.to(dtype)
+
+
+class Concatenation(PairwiseFunction):
+    """``f = ReLU(w_f^T [theta(x_i), phi(x_j)])``, C(x) = M.
+
+    Trick: ``w_f^T [theta_i, phi_j] = a_i + b_j``. With the keys sorted by b, the j that pass the
+    ReLU for query i are a suffix, those with ``b_j > -a_i``, so
+    ``y_i = (a_i S_g(k_i) + S_bg(k_i)) / M`` where ``S_g(k)`` and ``S_bg(k)`` are suffix sums of
+    ``g_j`` and ``b_j g_j`` over the sorted keys and ``k_i`` comes from a binary search:
+    O((HW + M) C' + M log M + HW log M) time, O((HW + M) C') memory. ``a_i`` is computed from x
+    with the folded weight ``w_1^T W_theta`` (one channel instead of C'). Float32 for half inputs.
+    """
+
+    def __init__(self, inner_channels: int) -> None:
+        super().__init__()
+        self.inner_channels = inner_channels
+
+    def embed_queries(
+        self,
+        x: Tensor,
+        theta_weight: Optional[Tensor],
+        theta_bias: Optional[Tensor],
+        w_f: Optional[Tensor],
+    ) -> Tensor:
+        """``a_i = w_1^T theta(x_i)``: ``(N, C, HW) -> (N, HW)``."""
+        assert w_f is not None and theta_weight is not None and theta_bias is not None
+        w_theta = upcast(w_f.flatten()[: self.inner_channels])
+        # (C') @ (C', C) -> (C)
+        w_a = w_theta @ upcast(conv_matrix(theta_weight))
+        # (C) -> (N, 1, C); (N, 1, C) @ (N, C, HW) -> (N, 1, HW) -> (N, HW)
+        a = torch.bmm(w_a.expand(x.shape[0], 1, -1), upcast(x))[:, 0]
+        return a + w_theta @ upcast(theta_bias)
+
+    def _key_terms(self, keys: Tensor, w_f: Tensor) -> Tensor:
+        """``b_j = w_2^T phi(x_j)``: ``(N, C', M) -> (N, M)``."""
+        w_phi = upcast(w_f.flatten()[self.inner_channels :])
+        # (C') -> (N, 1, C'); (N, 1, C') @ (N, C', M) -> (N, 1, M) -> (N, M)
+        return torch.bmm(w_phi.expand(keys.shape[0], 1, -1), upcast(keys))[:, 0]
+
+    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, w_f: Optional[Tensor]):
+        assert w_f is not None
+        a, b = queries, self._key_terms(keys, w_f)
+        # (N, C', M) -> (N, M, C')
+        v = upcast(values).transpose(1, 2)
+        m, width = v.shape[1], v.shape[2]
+        b_sorted, order = b.sort(dim=1)
+        # (N, M) -> (N, M, C'): g reordered like the sorted b
+        v_sorted = v.gather(1, order.unsqueeze(2).expand(-1, -1, width))
+        # (N, M, C') x 2 -> (N, M, 2C'): [g_j, b_j g_j]
+        terms = torch.cat([v_sorted, b_sorted.unsqueeze(2) * v_sorted], dim=2)
+        # Suffix sums by a cumsum of the reversed order (no cancellation), then a zero row for
+        # queries that no key passes: (N, M, 2C') -> (N, M + 1, 2C')
+        suffix = F.pad(terms.flip(1).cumsum(1).flip(1), [0, 0, 0, 1])
+        first = torch.searchsorted(b_sorted, -a, right=True)
+        # (N, HW) -> (N, HW, 2C'): suffix sums from each query's first passing key
+        sums = suffix.gather(1, first.unsqueeze(2).expand(-1, -1, 2 * width))
+        y = (a.unsqueeze(2) * sums[:, :, :width] + sums[:, :, width:]) / m
+        # (N, HW, C') -> (N, C', HW)
+        return y.transpose(1, 2)
+
+    @torch.jit.unused
+    def rows(self, queries: Tensor, keys: Tensor, w_f: Optional[Tensor]) -> Tensor:
+        assert w_f is not None
+        b = self._key_terms(keys, w_f)
+        # (N, Q, 1) + (N, 1, M) -> (N, Q, M)
+        return F.relu(queries[:, :, None] + b[:, None, :]) / keys.shape[2]
+
+
+PAIRWISE_FUNCTIONS = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+
+
+def make_pairwise(
+    name: str,
+    channels: int,
+    inner_channels: int,
+    scale: Optional[float],
+    chunk_elements: int,
+) -> PairwiseFunction:
+    """The pairwise function ``name`` of a block with ``channels`` and ``inner_channels``;
+    ``scale`` None is the released code's default (``C' ** -0.5``, or ``C ** -0.5`` for the
+    Gaussian form, whose logits are dot products of raw C-channel features)."""
+    if name == "embedded_gaussian":
+        return EmbeddedGaussian(inner_channels**-0.5 if scale is None else scale, chunk_elements)
+    if name == "gaussian":
+        return Gaussian(channels**-0.5 if scale is None else scale, chunk_elements)
+    if name == "dot_product":
+        return DotProduct(channels, inner_channels)
+    if name == "concatenation":
+        return Concatenation(inner_channels)
+    raise ValueError(
+        f"Unknown pairwise function {name!r} for NonLocalBlock; valid ones are "
+        f"{PAIRWISE_FUNCTIONS}."
+    )
