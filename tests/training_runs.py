@@ -66,16 +66,18 @@ def train_net_command(*args: str) -> list[str]:
 def train_net(
     *args: str,
     timeout: float = 300,
-    config: Path = TINY_CONFIG,
+    config: Optional[Path] = TINY_CONFIG,
     data_root: Optional[Path] = None,
     env: Optional[dict[str, str]] = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``train_net.py --config-file config *args`` to completion (the generated data under
-    ``data_root`` if given; ``env`` overrides variables of :func:`run_env`)."""
+    """Run ``train_net.py --config-file config *args`` to completion (``config`` None: ``args``
+    has its own, or none; the generated data under ``data_root`` if given; ``env`` overrides
+    variables of :func:`run_env`). The one way the tests run a training."""
     env = {**run_env(), **(env or {})}
     if data_root is not None:
         env["NL_DETECTRON_DATA"] = str(data_root)
-    command = [sys.executable, str(TRAIN_NET), "--config-file", str(config), *args]
+    command = [sys.executable, str(TRAIN_NET)]
+    command += [*(["--config-file", str(config)] if config is not None else []), *args]
     return subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -44,6 +44,7 @@ __all__ = [
     "ensure_shapes_split",
     "generate_shapes_split",
     "register_shapes_datasets",
+    "shape_keypoints",
     "shapes_split_dir",
 ]
 
@@ -121,7 +122,7 @@ def _line_crossings(polygon: np.ndarray, axis: int, value: float) -> np.ndarray:
     return np.asarray(crossings)
 
 
-def _keypoints(polygon: np.ndarray) -> np.ndarray:
+def shape_keypoints(polygon: np.ndarray) -> np.ndarray:
     """The four keypoints ``(4, 2)`` (top, bottom, left, right) of a convex polygon, continuous
     image coordinates; see the module docstring for their definition."""
     (x0, y0), (x1, y1) = polygon.min(axis=0), polygon.max(axis=0)
@@ -253,7 +254,7 @@ def _annotation(polygon: np.ndarray, cls: int, width: int, height: int) -> dict:
     rle = mask_util.merge(mask_util.frPyObjects([flat], height, width))
     # COCO keypoints are pixel indices (detectron2 adds 0.5 when loading, subtracts it when
     # writing results), so store the continuous position minus 0.5, kept inside the box.
-    keypoints = _keypoints(polygon) - 0.5
+    keypoints = shape_keypoints(polygon) - 0.5
     keypoints[:, 0] = np.clip(keypoints[:, 0], x0, x1)
     keypoints[:, 1] = np.clip(keypoints[:, 1], y0, y1)
     flat_keypoints: list[float] = []

@@ -2,7 +2,6 @@
 
 import importlib.util
 import itertools
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from training_runs import REPO
 
 from nl_detectron.layers import NaiveNonLocal, NonLocalBlock, SyncBatchNorm
 
@@ -426,7 +426,7 @@ def test_inputs_smaller_than_pool_window():
 
 
 def _load_benchmark():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "benchmark_non_local_block.py"
+    path = REPO / "benchmarks" / "benchmark_non_local_block.py"
     spec = importlib.util.spec_from_file_location("benchmark_non_local_block", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

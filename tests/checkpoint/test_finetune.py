@@ -10,11 +10,9 @@ and resuming from another model's checkpoint is refused.
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import re
 import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from detectron2.modeling import build_model
 from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
 from detectron2.utils.events import EventStorage
 from tiny_detectors import tiny_cfg
+from training_runs import REPO, train_net
 
 from nl_detectron import NonLocalBlock
 from nl_detectron.checkpoint import NonLocalCheckpointer
@@ -488,7 +487,6 @@ def test_resume_from_this_models_checkpoint_restores_the_optimizer(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # End to end: the trainer and tools/train_net.py on the bundled shapes data.
 
-REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "configs" / "quickstart"
 # 4 iterations of 2 images on the 16-image split, evaluated on it once, at the end; every box
 # is kept so that the predictions are many.
@@ -507,16 +505,7 @@ TINY = [
 
 
 def _train_net(args: list[str], data: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NL_DETECTRON_DATA=str(data))
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return train_net(*args, config=None, data_root=data)
 
 
 def _copypaste(log: str) -> dict[str, list[str]]:

@@ -172,7 +172,7 @@ def test_keypoint_flip_map_matches_horizontal_flip(split_dir):
     definition assigns to the flipped shape."""
     from detectron2.data.datasets import load_coco_json
 
-    from nl_detectron.data.shapes import _keypoints
+    from nl_detectron.data.shapes import shape_keypoints
 
     register_shapes_datasets()
     meta = MetadataCatalog.get("nl_shapes_val")
@@ -192,7 +192,7 @@ def test_keypoint_flip_map_matches_horizontal_flip(split_dir):
                 keypoint_hflip_indices=flip_indices,
             )
             flipped_polygon = np.asarray(out["segmentation"][0]).reshape(-1, 2)
-            expected = _keypoints(flipped_polygon)
+            expected = shape_keypoints(flipped_polygon)
             # Stored keypoints are rounded to 0.01 px and clipped into the box (<= 0.5 px).
             assert np.abs(out["keypoints"][:, :2] - expected).max() <= 0.52
             checked += 1

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from training_runs import REPO
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCHMARKS = REPO / "benchmarks"
 
 
 def run_script(name: str, *args: str) -> str:

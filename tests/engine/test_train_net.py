@@ -7,14 +7,13 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from training_runs import REPO, train_net
 
 from nl_detectron.evaluation.coco_backend import get_coco_backend
 
-REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "configs" / "quickstart" / "mask_rcnn_nl_shapes.yaml"
 # A few iterations of 2 images on the 16-image split, evaluated on it at iterations 2 and 4.
 TINY = [
@@ -34,15 +33,8 @@ TASKS = ("bbox", "segm", "keypoints")
 pytestmark = pytest.mark.slow
 
 
-def _run(args: list[str], env: dict[str, str], timeout: int = 400) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "train_net.py"), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+def _train_net(args: list[str], env: dict[str, str], timeout: int = 400):
+    return train_net(*args, config=None, env=env, timeout=timeout)
 
 
 def _metrics(output_dir: Path) -> list[dict]:
@@ -61,7 +53,7 @@ def env(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, env) -> tuple[Path, subprocess.CompletedProcess]:
     output_dir = tmp_path_factory.mktemp("run")
-    proc = _run(["--config-file", str(CONFIG), *TINY, "OUTPUT_DIR", str(output_dir)], env)
+    proc = _train_net(["--config-file", str(CONFIG), *TINY, "OUTPUT_DIR", str(output_dir)], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return output_dir, proc
 
@@ -101,7 +93,7 @@ def test_training_writes_metrics_checkpoints_and_events(trained):
 def test_eval_only_reproduces_the_final_evaluation(trained, env, tmp_path):
     output_dir, _ = trained
     final = [r for r in _metrics(output_dir) if "segm/AP" in r][-1]
-    proc = _run(
+    proc = _train_net(
         [
             "--config-file", str(CONFIG), "--eval-only", *TINY,
             "MODEL.WEIGHTS", str(output_dir / "model_final.pth"),
@@ -129,7 +121,7 @@ def test_resume_continues_from_the_last_iteration(trained, env, tmp_path):
     for name in ("model_final.pth", "last_checkpoint"):
         (resumed / name).write_bytes((output_dir / name).read_bytes())
     args = [*TINY, "SOLVER.MAX_ITER", "6", "OUTPUT_DIR", str(resumed)]
-    proc = _run(["--config-file", str(CONFIG), "--resume", *args], env)
+    proc = _train_net(["--config-file", str(CONFIG), "--resume", *args], env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = (resumed / "log.txt").read_text()
     assert "Starting training from iteration 4" in log
@@ -148,7 +140,7 @@ def test_missing_coco_stops_before_training(env, tmp_path):
     datasets = tmp_path / "datasets"
     datasets.mkdir()
     coco_env = dict(env, DETECTRON2_DATASETS=str(datasets))
-    proc = _run(
+    proc = _train_net(
         [
             "--config-file", str(CONFIG),
             "DATASETS.TRAIN", "('coco_2017_train',)",
@@ -176,7 +168,7 @@ def test_unreachable_weights_stop_before_training(env, tmp_path):
     offline = dict(env, FVCORE_CACHE=str(cache), https_proxy="http://127.0.0.1:9")
     offline["HTTPS_PROXY"] = offline["https_proxy"]
     weights = "detectron2://ImageNetPretrained/MSRA/R-50.pkl"
-    proc = _run(
+    proc = _train_net(
         ["--config-file", str(CONFIG), "MODEL.WEIGHTS", weights, "OUTPUT_DIR", str(tmp_path / "o")],
         offline,
         timeout=120,
@@ -198,7 +190,7 @@ def test_unreachable_weights_stop_before_training(env, tmp_path):
     ],
 )
 def test_config_errors_are_reported_without_traceback(env, tmp_path, args, expected):
-    proc = _run([*args, "OUTPUT_DIR", str(tmp_path)], env, timeout=120)
+    proc = _train_net([*args, "OUTPUT_DIR", str(tmp_path)], env, timeout=120)
     _assert_clean_error(proc, expected)
 
 

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from training_runs import REPO
 
 from nl_detectron.evaluation.run_comparison import format_comparison, load_eval_result
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _write_run(directory: Path, evaluations: list[tuple[int, dict[str, float]]]) -> Path:

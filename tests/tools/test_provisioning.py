@@ -8,8 +8,9 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from training_runs import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 SCRIPT = ROOT / "tools" / "provision_detectron2.py"
 
 
