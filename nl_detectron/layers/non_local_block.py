@@ -8,7 +8,6 @@ channels and C' the inner channels. The pairwise functions f (:mod:`.pairwise`) 
 materialise the HW x M map whole; the tensor helpers are in :mod:`.tensor_ops`.
 """
 
-
 from typing import Optional
 
 import torch

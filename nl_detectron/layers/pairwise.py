@@ -16,7 +16,6 @@ is channels-first, ``(N, C', L)``. Interface:
   (dot product on large maps).
 """
 
-
 from typing import Optional
 
 import torch

@@ -4,7 +4,6 @@ Shapes: N is the batch, L a number of positions (all spatial positions flattened
 Every tensor stays channels-first like the block's input, ``(N, C, L)``.
 """
 
-
 import math
 from typing import Optional
 
