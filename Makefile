@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 # What the environment's Detectron2 was built from; a change rebuilds the environment.
 SOURCE_STAMP := $(VENV).detectron2-source
-ENV_INPUTS := requirements/constraints.txt requirements/dev.txt setup.py \
+ENV_INPUTS := requirements/constraints.txt requirements/dev.txt requirements/no-deps.txt setup.py \
 	tools/provision_detectron2.py tools/setup_env.sh $(SOURCE_STAMP)
 PYTEST_ARGS ?=
 # `make test-main`: the suite on official Detectron2 main, in its own environment.

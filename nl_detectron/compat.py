@@ -10,11 +10,11 @@ host it is run on, so a fixed gap shows up as a failing test.
 Gaps of both hosts, worked around elsewhere (each module says why):
 
 - ``fvcore`` writes checkpoints and ``last_checkpoint`` in place: a kill leaves them truncated
-  (:mod:`nl_detectron.engine.atomic_checkpoint`);
+  (:mod:`nl_detectron.checkpoint.atomic`);
 - ``hooks.BestCheckpointer`` re-points ``last_checkpoint`` at ``model_best.pth``
-  (:mod:`nl_detectron.engine.best_checkpointer`);
+  (:mod:`nl_detectron.checkpoint.best`);
 - a resumed run restarts the training data from its first batch
-  (:mod:`nl_detectron.engine.train_loader`).
+  (:mod:`nl_detectron.data.train_loader`).
 """
 
 from __future__ import annotations

@@ -49,6 +49,12 @@ def add_nonlocal_config(cfg: CN) -> None:
     _C.MODEL.NONLOCAL.BOTTLENECK_RATIO = 0.5
     # Max-pool phi and g by 2x2 (Sec. 3.3). Paper: True.
     _C.MODEL.NONLOCAL.SUB_SAMPLE = True
+    # Sub-sample x itself before phi and g, as FAIR's released code and pytorchvideo do, instead of
+    # phi(x) and g(x), as the paper's text (Sec. 3.3) and mmcv do: another function. Default False.
+    _C.MODEL.NONLOCAL.SUB_SAMPLE_INPUT = False
+    # Pooling keeps partial windows at odd sizes (ceil mode); False drops them (floor mode), as the
+    # released code and pytorchvideo do. Default True.
+    _C.MODEL.NONLOCAL.SUB_SAMPLE_CEIL = True
     # Scale the softmax logits by inner_channels ** -0.5 (the released code's default; the
     # Gaussian form, without embeddings, uses channels ** -0.5). False: scale 1, paper's formula.
     _C.MODEL.NONLOCAL.USE_SCALE = True
@@ -66,12 +72,15 @@ def add_nonlocal_config(cfg: CN) -> None:
 
 def non_local_block_args(cfg: CN) -> dict[str, Any]:
     """``NonLocalBlock`` keyword arguments from ``MODEL.NONLOCAL`` (all but the channel counts):
-    ``pairwise``, ``sub_sample``, ``scale``, ``norm`` and ``init_std``. The inner width depends
+    ``pairwise``, ``sub_sample``, ``pool_input``, ``ceil_mode``, ``scale``, ``norm`` and
+    ``init_std``. The inner width depends
     on each block's channels and is given by ``MODEL.NONLOCAL.BOTTLENECK_RATIO``."""
     node = cfg.MODEL.NONLOCAL
     return {
         "pairwise": node.PAIRWISE,
         "sub_sample": node.SUB_SAMPLE,
+        "pool_input": node.SUB_SAMPLE_INPUT,
+        "ceil_mode": node.SUB_SAMPLE_CEIL,
         # None: the block's default, inner_channels ** -0.5 as in the released code.
         "scale": None if node.USE_SCALE else 1.0,
         "norm": node.NORM,

@@ -429,8 +429,21 @@ def stage_official_source(source: Path, workdir: Path) -> Path:
     return staged
 
 
+def _source_id(source: Path) -> str:
+    """What identifies a build's source: the path, and the sha256 of a tarball."""
+    return f"{source}\n{sha256_of(source) if source.is_file() else 'directory'}\n"
+
+
 def build_official(python: str, source: Path) -> str:
-    """Build and install the official Detectron2 from ``source`` with its C++ extension."""
+    """Build and install the official Detectron2 from ``source`` with its C++ extension (unless
+    the environment already holds a working build of that same source)."""
+    marker = Path(python).resolve().parent.parent / "detectron2-built-from.txt"
+    if source.is_file() and marker.is_file() and marker.read_text() == _source_id(source):
+        found = existing_detectron2(python)
+        if found and _is_compiled(python):
+            log(f"using the installed {found}, built from {source}; nothing to do")
+            return found
+    marker.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix="nl-detectron2-src-") as tmp:
         project = stage_official_source(source, Path(tmp))
         log(f"building Detectron2 from {source} with its C++ extension (about a minute)")
@@ -454,6 +467,7 @@ def build_official(python: str, source: Path) -> str:
             f"Detectron2 built from {source} does not import with its C++ extension; it was "
             "removed again."
         )
+    marker.write_text(_source_id(source))
     log(f"installed {found}")
     return found
 

@@ -31,6 +31,9 @@ step "installing the pinned stack (requirements/constraints.txt)"
 "$py" -m pip install --quiet --disable-pip-version-check \
     -c "$root/requirements/constraints.txt" -r "$root/requirements/dev.txt"
 
+"$py" -m pip install --quiet --disable-pip-version-check --no-deps \
+    -c "$root/requirements/constraints.txt" -r "$root/requirements/no-deps.txt"
+
 step "provisioning Detectron2"
 "$py" "$root/tools/provision_detectron2.py" --python "$py"
 

@@ -52,7 +52,7 @@ class _UnreadableCheckpoint(CheckpointError):
 
 
 class AtomicCheckpointer(NonLocalCheckpointer):
-    """:class:`~nl_detectron.checkpointer.NonLocalCheckpointer` (loading with a report) whose
+    """:class:`~nl_detectron.checkpoint.NonLocalCheckpointer` (loading with a report) whose
     saves are atomic and durable; see the module docstring.
 
     Saving to a local ``save_dir`` is atomic; other locations (``s3://`` ... handled by

@@ -241,7 +241,7 @@ class ResumableTrainLoader:
 
 def build_train_loader(cfg: CfgNode) -> ResumableTrainLoader:
     """The training loader of ``cfg``: the records of ``DATASETS.TRAIN`` (checked by
-    :func:`~nl_detectron.engine.data_checks.load_train_dicts`), Detectron2's ``DatasetMapper``
+    :func:`~nl_detectron.data.checks.load_train_dicts`), Detectron2's ``DatasetMapper``
     (reporting unusable images), the sampler of ``DATALOADER.SAMPLER_TRAIN``, seeded by ``SEED``
     (a random seed shared by all processes if it is negative)."""
     return ResumableTrainLoader(

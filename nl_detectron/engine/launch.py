@@ -156,7 +156,7 @@ def launch(
 
 class ReportUserErrors:
     """``main_func`` for a worker process: a :class:`UserInputError` or a
-    :class:`~nl_detectron.checkpointer.CheckpointError` is printed to stderr, without a
+    :class:`~nl_detectron.errors.CheckpointError` is printed to stderr, without a
     traceback, and ends the process with status 1 (the launcher then stops the others).
     """
 

@@ -56,16 +56,16 @@ class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with :class:`~nl_detectron.evaluation.FastCOCOEvaluator` and a
     ``BestCheckpointer`` that keeps ``model_best.pth`` (highest :func:`main_metric`).
 
-    Checkpoints are loaded through :class:`~nl_detectron.checkpointer.NonLocalCheckpointer`
+    Checkpoints are loaded through :class:`~nl_detectron.checkpoint.NonLocalCheckpointer`
     (a report of the new NL parameters; resuming from another model's checkpoint refused) and
     hold the optimizer state (Detectron2 main saves it; v0.6's ``DefaultTrainer`` leaves it out
     and this class adds it), so that ``--resume`` restores model, optimizer, scheduler and
     iteration.
 
     Reliability (docs/reliability.md): checkpoints are written atomically
-    (:class:`~nl_detectron.engine.atomic_checkpoint.AtomicCheckpointer`); the training data is
+    (:class:`~nl_detectron.checkpoint.AtomicCheckpointer`); the training data is
     checked and its loader resumes where the checkpoint was
-    (:mod:`~nl_detectron.engine.train_loader`), so with ``SEED >= 0`` a resumed run continues
+    (:mod:`~nl_detectron.data.train_loader`), so with ``SEED >= 0`` a resumed run continues
     exactly as the uninterrupted one; CPU models train in several processes (gloo); a NaN / inf
     loss stops the run with :class:`~nl_detectron.engine.divergence.TrainingDivergedError`.
 
@@ -112,7 +112,7 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> ResumableTrainLoader:
         """detectron2's training data, checked, reproducible and resumable
-        (:func:`~nl_detectron.engine.train_loader.build_train_loader`)."""
+        (:func:`~nl_detectron.data.train_loader.build_train_loader`)."""
         return build_train_loader(cfg)
 
     @classmethod
@@ -155,7 +155,7 @@ class Trainer(DefaultTrainer):
 
     def build_checkpointer(self) -> AtomicCheckpointer:
         """The run's checkpointer: the model and this trainer's state, in ``OUTPUT_DIR``,
-        loaded as :class:`~nl_detectron.checkpointer.NonLocalCheckpointer` loads and saved
+        loaded as :class:`~nl_detectron.checkpoint.NonLocalCheckpointer` loads and saved
         atomically."""
         return AtomicCheckpointer(self.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self))
 

@@ -10,6 +10,7 @@ from .pairwise import (
     PairwiseFunction,
 )
 from .reference import NaiveNonLocal
+from .released_weights import from_pytorchvideo
 from .sync_batch_norm import SyncBatchNorm
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "NonLocalBlock",
     "PairwiseFunction",
     "SyncBatchNorm",
+    "from_pytorchvideo",
 ]

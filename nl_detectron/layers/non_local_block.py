@@ -71,8 +71,12 @@ class NonLocalBlock(CNNBlockBase):
         pairwise: ``"embedded_gaussian"`` (default, the paper's), ``"gaussian"``,
             ``"dot_product"`` or ``"concatenation"`` (Sec. 3.2).
         inner_channels: C', channels of theta, phi and g; default ``in_channels // 2`` (Sec. 3.3).
-        sub_sample: max-pool phi and g by 2 (1D), 2x2 (2D) or 1x2x2 (3D) (Sec. 3.3). Pooling
-            uses ``ceil_mode`` so odd sizes keep their last row and sizes of 1 are not pooled.
+        sub_sample: max-pool phi and g by 2 (1D), 2x2 (2D) or 1x2x2 (3D) (Sec. 3.3).
+        pool_input: sub-sample x itself before phi and g, as FAIR's released code and
+            pytorchvideo do, instead of phi(x) and g(x), as the paper's text and mmcv do. The two
+            are different functions (max-pooling does not commute with the embeddings).
+        ceil_mode: pooling keeps the partial windows at odd sizes (the last row, sizes of 1);
+            False drops them, as the released code and pytorchvideo do.
         scale: factor on the logits of the two Gaussian forms. None means ``C' ** -0.5`` for the
             embedded Gaussian (the released code's default) and ``C ** -0.5`` for the Gaussian,
             whose logits are dot products of raw C-channel features; 1.0 is the paper's formula.
@@ -100,6 +104,8 @@ class NonLocalBlock(CNNBlockBase):
         pairwise: str = "embedded_gaussian",
         inner_channels: Optional[int] = None,
         sub_sample: bool = True,
+        pool_input: bool = False,
+        ceil_mode: bool = True,
         scale: Optional[float] = None,
         norm: Optional[str] = "BN",
         init_std: Optional[float] = 0.01,
@@ -121,6 +127,8 @@ class NonLocalBlock(CNNBlockBase):
         self.pairwise = pairwise
         self.inner_channels = inner_channels
         self.sub_sample = sub_sample
+        self.pool_input = pool_input
+        self.ceil_mode = ceil_mode
         self._input_layout = _INPUT_LAYOUT[dim]
         self.pairwise_fn = make_pairwise(
             pairwise, in_channels, inner_channels, scale, inference_chunk_elements
@@ -162,7 +170,8 @@ class NonLocalBlock(CNNBlockBase):
     def extra_repr(self) -> str:
         return (
             f"dim={self.dim}, pairwise={self.pairwise!r}, inner_channels={self.inner_channels}, "
-            f"sub_sample={self.sub_sample}, scale={self.scale}"
+            f"sub_sample={self.sub_sample}, pool_input={self.pool_input}, "
+            f"ceil_mode={self.ceil_mode}, scale={self.scale}"
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -213,25 +222,31 @@ class NonLocalBlock(CNNBlockBase):
         """Sub-sampled phi(x_j) (x_j for the Gaussian form) and g(x_j).
 
         ``(N, C, *S), (N, C, HW) -> (N, C', M), (N, C', M)`` and the sub-sampled grid ``S'``,
-        ``M = prod(S')``.
+        ``M = prod(S')``. The embeddings are pooled, or with ``pool_input`` computed from the
+        pooled x.
         """
-        spatial = list(x.shape[2:])
+        source, pool_after = x, self.sub_sample
+        if self.sub_sample and self.pool_input:
+            # (N, C, *S) -> (N, C, *S'), then (N, C, M')
+            source, pool_after = self._pool(x), False
+            flat = source.flatten(2)
+        spatial = list(source.shape[2:])
         if self.phi is None:
-            # (N, C', HW) -> (N, C', *S)
+            # (N, C', L) -> (N, C', *S)
             values = pointwise(self.g.weight, self.g.bias, flat)
             values = values.view([x.shape[0], self.inner_channels] + spatial)
-            keys = x
-            if self.sub_sample:
+            keys = source
+            if pool_after:
                 keys, values = self._pool(keys), self._pool(values)
             # (N, C, *S') -> (N, C, M)
             return keys.flatten(2), values.flatten(2), list(values.shape[2:])
-        # phi and g in one product: (N, C, HW) -> (N, 2C', HW) -> (N, 2C', *S)
+        # phi and g in one product: (N, C, L) -> (N, 2C', L) -> (N, 2C', *S)
         phi_bias, g_bias = self.phi.bias, self.g.bias
         assert phi_bias is not None and g_bias is not None
         weight = torch.cat([self.phi.weight, self.g.weight])
         both = pointwise(weight, torch.cat([phi_bias, g_bias]), flat)
         both = both.view([x.shape[0], 2 * self.inner_channels] + spatial)
-        if self.sub_sample:
+        if pool_after:
             both = self._pool(both)
         key_shape = list(both.shape[2:])
         # (N, 2C', *S') -> (N, 2C', M) -> (N, C', M) x 2
@@ -239,19 +254,20 @@ class NonLocalBlock(CNNBlockBase):
         return both[:, : self.inner_channels], both[:, self.inner_channels :], key_shape
 
     def _pool(self, t: Tensor) -> Tensor:
-        """Max-pool by 2 (1D), 2x2 (2D) or 1x2x2 (3D), ceil mode (partial windows kept)."""
+        """Max-pool by 2 (1D), 2x2 (2D) or 1x2x2 (3D), partial windows kept with ``ceil_mode``."""
         if not torch.jit.is_scripting() and t.requires_grad and torch.is_grad_enabled():
             return self._pool_keeping_indices(t)
+        ceil = self.ceil_mode
         if self.dim == 1:
-            return F.max_pool1d(t, 2, 2, 0, 1, True)
+            return F.max_pool1d(t, 2, 2, 0, 1, ceil)
         if self.dim == 2:
-            return F.max_pool2d(t, 2, 2, 0, 1, True)
-        return F.max_pool3d(t, [1, 2, 2], [1, 2, 2], 0, 1, True)
+            return F.max_pool2d(t, 2, 2, 0, 1, ceil)
+        return F.max_pool3d(t, [1, 2, 2], [1, 2, 2], 0, 1, ceil)
 
     @torch.jit.unused
     def _pool_keeping_indices(self, t: Tensor) -> Tensor:
         """:meth:`_pool` for autograd, saving int32 indices only (MaxPoolKeepingIndices)."""
-        return MaxPoolKeepingIndices.apply(t, pool_window(self.dim))
+        return MaxPoolKeepingIndices.apply(t, pool_window(self.dim), self.ceil_mode)
 
     def _project(
         self, inputs: Tensor, shape: list[int], weight: Tensor, bias: Optional[Tensor]

@@ -34,13 +34,17 @@ class NaiveNonLocal(nn.Module):
         b = self.block
         batch, _, *spatial = x.shape
         theta = x if b.theta is None else b.theta(x)
-        phi = x if b.phi is None else b.phi(x)
-        g = b.g(x)
-        if b.sub_sample:
+        window = pool_window(b.dim)
+
+        def pool(t: Tensor) -> Tensor:
             # ceil_mode: a partial window at an odd border is pooled over what it covers
-            window = pool_window(b.dim)
-            phi = _MAX_POOL[b.dim](phi, window, window, ceil_mode=True)
-            g = _MAX_POOL[b.dim](g, window, window, ceil_mode=True)
+            return _MAX_POOL[b.dim](t, window, window, ceil_mode=b.ceil_mode)
+
+        source = pool(x) if b.sub_sample and b.pool_input else x
+        phi = source if b.phi is None else b.phi(source)
+        g = b.g(source)
+        if b.sub_sample and not b.pool_input:
+            phi, g = pool(phi), pool(g)
         # (N, C', *S) -> (N, C', HW); (N, C', *S') -> (N, C', M)
         theta, phi = theta.flatten(2), phi.flatten(2)
         # (N, C', *S') -> (N, C', M) -> (N, M, C')

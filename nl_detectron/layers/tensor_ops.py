@@ -81,8 +81,7 @@ def pool_window(dim: int) -> list[int]:
 
 
 class MaxPoolKeepingIndices(torch.autograd.Function):
-    """Max-pooling over non-overlapping windows (ceil mode) whose backward keeps only int32
-    indices.
+    """Max-pooling over non-overlapping windows whose backward keeps only int32 indices.
 
     ``F.max_pool*d`` saves its input and int64 indices for the backward pass; with windows equal
     to the stride each input position receives the gradient of at most one output, so the
@@ -91,18 +90,18 @@ class MaxPoolKeepingIndices(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, t: Tensor, window: list[int]) -> Tensor:  # type: ignore[override]
+    def forward(ctx, t: Tensor, window: list[int], ceil_mode: bool) -> Tensor:  # type: ignore[override]
         pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[len(window) - 1]
-        out, indices = pool(t, window, window, 0, 1, True, True)
+        out, indices = pool(t, window, window, 0, 1, ceil_mode, True)
         ctx.input_shape = t.shape
         ctx.save_for_backward(indices.to(torch.int32))
         return out
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # type: ignore[override]
         (indices,) = ctx.saved_tensors
         shape = ctx.input_shape
         # (N, C, *S') -> (N, C, M) scattered into (N, C, prod(S)): the indices are per plane
         grad_input = grad.new_zeros(shape[0], shape[1], math.prod(shape[2:]))
         grad_input.scatter_(2, indices.flatten(2).long(), grad.flatten(2))
-        return grad_input.view(shape), None
+        return grad_input.view(shape), None, None
