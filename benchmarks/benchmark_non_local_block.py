@@ -24,12 +24,10 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +35,16 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import cpu_name, load_average, peak_rss  # noqa: E402
+from common import (  # noqa: E402
+    alternate,
+    device_name,
+    fmt_mb,
+    fmt_ratio,
+    load_average,
+    measure_peak,
+    medians,
+    run_memory_child,
+)
 
 from nl_detectron.layers import NaiveNonLocal, NonLocalBlock  # noqa: E402
 
@@ -95,59 +102,29 @@ def make_module(impl: str, block: NonLocalBlock) -> nn.Module:
     return NaiveNonLocal(block, concat="split" if impl == "naive-split" else "pairs")
 
 
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def forward_backward(module: nn.Module, x: Tensor, grad: Tensor) -> None:
     x.grad = None
     module.zero_grad(set_to_none=True)
     module(x).backward(grad)
 
 
-# time.perf_counter (wall clock) or time.process_time (CPU seconds of all threads of this process;
-# on a CPU shared with other jobs it counts the work done rather than the time spent waiting).
-CLOCK: Callable[[], float] = time.perf_counter
-
-
-def timed(fn: Callable[[], object], device: str) -> float:
-    synchronize(device)
-    start = CLOCK()
-    fn()
-    synchronize(device)
-    return CLOCK() - start
-
-
-def alternate(
-    fns: dict[str, Callable[[], object]], repeats: int, device: str
-) -> dict[str, list[float]]:
-    """Seconds of each run of each function: one warm-up each, then runs alternating in order."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()
-    names = list(fns)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            times[name].append(timed(fns[name], device))
-    return times
-
-
 # ---------------------------------------------------------------------------------------------
 # Peak memory
 
 
-def pass_peak_bytes(module: nn.Module, size: Size) -> int:
-    """Bytes a forward and backward pass of ``module`` at ``size`` adds to the peak RSS (CPU).
+def pass_peak_bytes(module: nn.Module, size: Size, device: str = "cpu") -> int:
+    """Bytes a forward and backward pass of ``module`` at ``size`` adds to the peak memory, beyond
+    the weights, the input and the output gradient (:func:`common.measure_peak`).
 
-    A warm-up pass at a small size first, so that lazily loaded libraries are not counted.
+    On CPU a warm-up pass at a small size first, so that lazily loaded libraries are not counted.
     """
-    small = torch.randn(size.batch, size.channels, 6, 10, requires_grad=True)
-    forward_backward(module, small, torch.randn_like(small))
-    module.zero_grad(set_to_none=True)
-    x = torch.randn(size.shape(), requires_grad=True)
-    grad = torch.randn(size.shape())
-    return peak_rss(lambda: forward_backward(module, x, grad))[1]
+    if device == "cpu":
+        small = torch.randn(size.batch, size.channels, 6, 10, requires_grad=True)
+        forward_backward(module, small, torch.randn_like(small))
+        module.zero_grad(set_to_none=True)
+    x = torch.randn(size.shape(), device=device, requires_grad=True)
+    grad = torch.randn(size.shape(), device=device)
+    return measure_peak(lambda: forward_backward(module, x, grad), device)["growth_bytes"]
 
 
 def measure_memory_child(impl: str, pairwise: str, size_name: str) -> None:
@@ -162,34 +139,25 @@ def peak_memory(impl: str, pairwise: str, size_name: str, device: str) -> int:
     if device == "cuda":
         size = SIZES[size_name]
         module = make_module(impl, make_block(pairwise, size, device))
-        x = torch.randn(size.shape(), device=device, requires_grad=True)
-        grad = torch.randn_like(x)
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        forward_backward(module, x, grad)
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    cmd = [sys.executable, __file__, "--memory-child", impl, pairwise, size_name]
-    # Tensors from mmap, so that freed memory leaves the resident set at once.
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+        return pass_peak_bytes(module, size, device)
+    return run_memory_child(__file__, impl, pairwise, size_name)[-1]["peak_bytes"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Attention core throughput
 
 
-def matmul_gflops(device: str, repeats: int, n: int = 2048) -> float:
+def matmul_gflops(device: str, repeats: int, clock: str, n: int = 2048) -> float:
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
     with torch.no_grad():
-        seconds = statistics.median(alternate({"mm": lambda: a @ b}, repeats, device)["mm"])
+        seconds = statistics.median(alternate({"mm": lambda: a @ b}, repeats, device)[clock]["mm"])
     return 2 * n**3 / seconds / 1e9
 
 
-def core_gflops(pairwise: str, size: Size, device: str, repeats: int) -> dict[str, Optional[float]]:
+def core_gflops(
+    pairwise: str, size: Size, device: str, repeats: int, clock: str
+) -> dict[str, Optional[float]]:
     """GFLOP/s of the pairwise computation alone (y from theta, phi, g), forward, no grad.
 
     Counts the arithmetic the result needs (for ours, without the zero padding of the Gaussian
@@ -198,30 +166,28 @@ def core_gflops(pairwise: str, size: Size, device: str, repeats: int) -> dict[st
     block = make_block(pairwise, size, device).eval()
     naive = NaiveNonLocal(block, concat="split")
     x = torch.randn(size.shape(), device=device)
+    f, w_f = block.pairwise_fn, block._w_f()
     with torch.no_grad():
         # (N, C, H, W) -> (N, C, HW)
         flat = x.flatten(2)
         keys, values, _ = block._keys_values(x, flat)  # (N, Ck, M), (N, C', M)
-        theta = block._queries(flat)  # (N, Cq, HW)
-        if pairwise == "concatenation":
-            queries, core = block._concat_query_terms(flat), block._concatenation
-        elif pairwise == "dot_product":
-            queries, core = theta, block._dot_product
-        else:
-            queries, core = theta, block._softmax
+        # (N, Cq, HW): theta(x), or x itself for the Gaussian form
+        theta = flat if block.theta is None else block.theta(x).flatten(2)
+        # what f compares the keys with: theta, x, or a_i = w_1^T theta_i for concatenation
+        queries = f.embed_queries(flat, block._theta_weight(), block._theta_bias(), w_f)
         # (N, C', M) -> (N, M, C'), contiguous as in the naive block
         g = values.transpose(1, 2).contiguous()
         phi = keys.contiguous()
         m = keys.shape[2]
         times = alternate(
             {
-                "ours": lambda: core(queries, keys, values),
-                "naive": lambda: naive.pairwise_map(theta, phi, m) @ g,
+                "ours": lambda: f(queries, keys, values, w_f),
+                "naive": lambda: naive.pairwise_map(theta, phi) @ g,
             },
             repeats,
             device,
-        )
-    seconds = {name: statistics.median(ts) for name, ts in times.items()}
+        )[clock]
+    seconds = medians(times)
     batch, n, cq, cv = size.batch, flat.shape[2], keys.shape[1], values.shape[1]
     naive_flops = 2 * batch * n * m * (cq + cv)
     if pairwise in ("embedded_gaussian", "gaussian"):
@@ -243,14 +209,6 @@ def core_gflops(pairwise: str, size: Size, device: str, repeats: int) -> dict[st
 # ---------------------------------------------------------------------------------------------
 
 
-def fmt_mb(n: Optional[int]) -> str:
-    return "—" if n is None else f"{n / 2**20:,.0f}"
-
-
-def fmt_ratio(a: Optional[float], b: Optional[float]) -> str:
-    return "—" if a is None or b is None or b == 0 else f"{a / b:.2f}x"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="res4,res3", help="comma-separated: res4, res3, quick")
@@ -270,18 +228,16 @@ def main() -> None:
     if args.memory_child:
         measure_memory_child(*args.memory_child)
         return
-    global CLOCK
-    if args.clock == "cpu":
-        if args.device != "cpu":
-            parser.error("--clock cpu measures CPU time: use it with --device cpu")
-        CLOCK = time.process_time
+    if args.clock == "cpu" and args.device != "cpu":
+        parser.error("--clock cpu measures CPU time: use it with --device cpu")
+    clock = args.clock
     sizes = ["quick"] if args.quick else args.sizes.split(",")
     repeats = 2 if args.quick else args.repeats
     pairwise_list = args.pairwise.split(",")
     device = args.device
     print(
         f"# NonLocalBlock benchmark, {datetime.date.today()}: torch {torch.__version__}, "
-        f"device {device} ({torch.cuda.get_device_name() if device == 'cuda' else cpu_name()}), "
+        f"device {device} ({device_name(device)}), "
         f"{torch.get_num_threads()} threads, {os.cpu_count()} CPUs, {args.clock} clock, "
         f"{repeats} repeats, "
         f"load average {load_average()}"
@@ -310,7 +266,7 @@ def main() -> None:
                 },
                 repeats,
                 device,
-            )
+            )[clock]
             memory = {impl: peak_memory(impl, pairwise, size_name, device) for impl in runnable}
             for impl in impls:
                 row = {"size": size_name, "pairwise": pairwise, "impl": impl}
@@ -362,10 +318,10 @@ def main() -> None:
                 {impl: (lambda m=module, x=x: m(x)) for impl, module in modules.items()},
                 repeats,
                 device,
-            )
+            )[clock]
+        median = medians(times)
+        fastest = {i: min(times[i]) for i in impls}
         for impl in impls:
-            median = {i: statistics.median(times[i]) for i in impls}
-            fastest = {i: min(times[i]) for i in impls}
             print(
                 f"| {pairwise} | {impl} | {median[impl]:.3f} | "
                 f"{fmt_ratio(median[impl], median[impls[-1]])} | {fastest[impl]:.3f} | "
@@ -373,14 +329,14 @@ def main() -> None:
             )
 
     print(f"\n## Attention core alone (forward, no_grad), {inference_size}\n")
-    gflops = matmul_gflops(device, repeats)
+    gflops = matmul_gflops(device, repeats, clock)
     rate = "GFLOP per CPU-second" if args.clock == "cpu" else "GFLOP/s"
     print(f"Plain fp32 matmul (2048^3) on this machine: {gflops:.0f} {rate}")
     print()
     print(f"| pairwise | ours (s) | ours {rate} | naive (s) | naive {rate} |")
     print("|---|---|---|---|---|")
     for pairwise in pairwise_list:
-        r = core_gflops(pairwise, size, device, repeats)
+        r = core_gflops(pairwise, size, device, repeats, clock)
         ours = "—" if r["ours_gflops"] is None else f"{r['ours_gflops']:.0f}"
         print(
             f"| {pairwise} | {r['ours_s']:.3f} | {ours} | {r['naive_s']:.3f} | "

@@ -37,6 +37,9 @@ def add_nonlocal_config(cfg: CN) -> None:
     # of stage STAGE (res2..res5). Paper (Sec. 6): one block before the last res4 block.
     # An empty list builds no NL block in the backbone.
     _C.MODEL.NONLOCAL.BACKBONE_POSITIONS = ["res4:-1"]
+    # FPN output levels ("p2".."p6") that get an NL block after their output conv, on the
+    # features the RPN and RoI heads read. Not in the paper: none by default.
+    _C.MODEL.NONLOCAL.FPN_POSITIONS = []
     # NL block after conv k (1-based) of the keypoint head. Paper (Sec. 6): 4 blocks in the
     # 8-conv head, one after every 2 convs.
     _C.MODEL.NONLOCAL.KEYPOINT_HEAD_POSITIONS = [2, 4, 6, 8]

@@ -6,6 +6,8 @@ from .keypoint_head import NonLocalKRCNNConvDeconvUpsampleHead
 from .mask_head import NonLocalMaskRCNNConvUpsampleHead
 from .non_local_head import NonLocalHeadMixin, insert_head_non_local_blocks
 from .non_local_resnet import (
+    NonLocalFPN,
+    add_non_local_blocks,
     build_non_local_resnet_backbone,
     build_non_local_resnet_fpn_backbone,
     insert_non_local_blocks,
@@ -13,9 +15,11 @@ from .non_local_resnet import (
 )
 
 __all__ = [
+    "NonLocalFPN",
     "NonLocalHeadMixin",
     "NonLocalKRCNNConvDeconvUpsampleHead",
     "NonLocalMaskRCNNConvUpsampleHead",
+    "add_non_local_blocks",
     "build_non_local_block",
     "build_non_local_resnet_backbone",
     "build_non_local_resnet_fpn_backbone",

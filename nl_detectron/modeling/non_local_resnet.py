@@ -28,6 +28,8 @@ from ..config import non_local_block_args
 from .blocks import build_non_local_block
 
 __all__ = [
+    "NonLocalFPN",
+    "add_non_local_blocks",
     "build_non_local_resnet_backbone",
     "build_non_local_resnet_fpn_backbone",
     "insert_non_local_blocks",
@@ -174,6 +176,34 @@ def _not_built_hint(cfg: CfgNode) -> str:
     return hint
 
 
+def add_non_local_blocks(
+    resnet: ResNet,
+    *,
+    positions: Sequence[str] = ("res4:-1",),
+    bottleneck_ratio: float = 0.5,
+    not_built_hint: str = "",
+    **block_args: Any,
+) -> ResNet:
+    """``resnet`` with NL blocks at ``"STAGE:INDEX"`` ``positions`` (default: the paper's, one
+    block right before the last res4 block), in place; the entry point of Python (LazyConfig)
+    configs, ``L(add_non_local_blocks)(resnet=L(ResNet)(...), ...)``, and what the registered
+    builders call.
+
+    Args:
+        resnet: a Detectron2 ``ResNet``.
+        positions: see :func:`parse_backbone_positions`.
+        bottleneck_ratio: inner channels of each block as a fraction of its channels.
+        not_built_hint: appended to the error for a stage ``resnet`` does not build.
+        block_args: ``NonLocalBlock`` keyword arguments (pairwise, sub_sample, pool_input,
+            ceil_mode, scale, norm, init_std); default: the block's (paper) defaults.
+    """
+    num_blocks = {name: len(stage) for name, stage in zip(resnet.stage_names, resnet.stages)}
+    parsed = parse_backbone_positions(list(positions), num_blocks, not_built_hint=not_built_hint)
+    return insert_non_local_blocks(
+        resnet, parsed, bottleneck_ratio=bottleneck_ratio, block_args=dict(block_args)
+    )
+
+
 @BACKBONE_REGISTRY.register()
 def build_non_local_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> ResNet:
     """Detectron2's ResNet (C4, DC5) with NL blocks at ``MODEL.NONLOCAL.BACKBONE_POSITIONS``.
@@ -181,28 +211,74 @@ def build_non_local_resnet_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> Res
     Every ``MODEL.RESNETS`` / ``MODEL.BACKBONE`` option means what it means for
     ``build_resnet_backbone``; block options come from ``MODEL.NONLOCAL``.
     """
-    block_args = non_local_block_args(cfg)
-    resnet = build_resnet_backbone(cfg, input_shape)
-    num_blocks = {name: len(stage) for name, stage in zip(resnet.stage_names, resnet.stages)}
-    positions = parse_backbone_positions(
-        cfg.MODEL.NONLOCAL.BACKBONE_POSITIONS, num_blocks, not_built_hint=_not_built_hint(cfg)
-    )
-    return insert_non_local_blocks(
-        resnet,
-        positions,
+    return add_non_local_blocks(
+        build_resnet_backbone(cfg, input_shape),
+        positions=cfg.MODEL.NONLOCAL.BACKBONE_POSITIONS,
         bottleneck_ratio=cfg.MODEL.NONLOCAL.BOTTLENECK_RATIO,
-        block_args=block_args,
+        not_built_hint=_not_built_hint(cfg),
+        **non_local_block_args(cfg),
     )
+
+
+class NonLocalFPN(FPN):
+    """Detectron2's FPN with NL blocks on chosen output levels (after their output convs, so on
+    the features the RPN and the RoI heads read). Not in the paper, which places its block in
+    res4 only.
+
+    Its children are the FPN's, under their names, plus ``non_local_p2``... (a vanilla FPN
+    checkpoint loads). ``p6`` (``LastLevelMaxPool``) is pooled from p5 before p5's block.
+    """
+
+    def __init__(
+        self,
+        *,
+        non_local_levels: Sequence[str] = (),
+        non_local_bottleneck_ratio: float = 0.5,
+        non_local_args: Mapping[str, Any] | None = None,
+        **fpn_kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            non_local_levels: output levels that get an NL block, e.g. ``["p2"]``.
+            non_local_bottleneck_ratio: inner channels as a fraction of the FPN's channels.
+            non_local_args: other ``NonLocalBlock`` keyword arguments.
+            fpn_kwargs: as ``FPN`` (bottom_up, in_features, out_channels, norm, top_block, ...).
+        """
+        super().__init__(**fpn_kwargs)
+        levels = list(non_local_levels)
+        for level in levels:
+            if level not in self._out_features or levels.count(level) > 1:
+                raise ValueError(
+                    f"MODEL.NONLOCAL.FPN_POSITIONS = {levels}: {level!r} is not an output level "
+                    f"of this FPN ({', '.join(self._out_features)}), or is listed twice."
+                )
+            block = build_non_local_block(
+                self._out_feature_channels[level],
+                bottleneck_ratio=non_local_bottleneck_ratio,
+                block_args=non_local_args,
+            )
+            self.add_module(f"non_local_{level}", block)
+        self.non_local_levels = levels
+
+    def forward(self, x):
+        features = super().forward(x)
+        for level in self.non_local_levels:
+            features[level] = getattr(self, f"non_local_{level}")(features[level])
+        return features
 
 
 @BACKBONE_REGISTRY.register()
 def build_non_local_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
-    """``build_resnet_fpn_backbone`` on top of :func:`build_non_local_resnet_backbone`."""
-    return FPN(
+    """``build_resnet_fpn_backbone`` on top of :func:`build_non_local_resnet_backbone`, with NL
+    blocks on the FPN levels of ``MODEL.NONLOCAL.FPN_POSITIONS`` (none by default)."""
+    return NonLocalFPN(
         bottom_up=build_non_local_resnet_backbone(cfg, input_shape),
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
         norm=cfg.MODEL.FPN.NORM,
         top_block=LastLevelMaxPool(),
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+        non_local_levels=cfg.MODEL.NONLOCAL.FPN_POSITIONS,
+        non_local_bottleneck_ratio=cfg.MODEL.NONLOCAL.BOTTLENECK_RATIO,
+        non_local_args=non_local_block_args(cfg),
     )
