@@ -39,7 +39,7 @@ import pycocotools.mask as mask_util
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from machine import cpu_name, load_average  # noqa: E402
+from common import cpu_name, load_average  # noqa: E402
 
 from nl_detectron.evaluation import (  # noqa: E402
     evaluate_predictions_on_coco,

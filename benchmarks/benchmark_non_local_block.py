@@ -1,8 +1,9 @@
 """Time and peak memory of NonLocalBlock against a naive block that materialises the N x M map.
 
 The naive block computes the paper's formula (Sec. 3.2) the way the common implementations do:
-1x1 convolutions, the full pairwise map f (N, HW, M), then ``f @ g``. It shares the weights of
-the NonLocalBlock it is compared with and gets the same inputs.
+1x1 convolutions, the full pairwise map f (N, HW, M), then ``f @ g``
+(``nl_detectron.layers.NaiveNonLocal``). It shares the weights of the NonLocalBlock it is
+compared with and gets the same inputs.
 
     python benchmarks/benchmark_non_local_block.py                  # res4 and res3, 5 repeats
     python benchmarks/benchmark_non_local_block.py --quick          # small smoke run

@@ -2,9 +2,10 @@
 
 A 1024-channel block (res4's width), batch 1, on feature maps of res4's aspect ratio from
 16x24 up to ``--max-positions``; for each pairwise function, NonLocalBlock and the naive block
-that materialises the N x M map (``NaiveNonLocal`` of ``benchmark_non_local_block.py``, which
-this script imports with its block set-up and timing helpers). Writes the figure (log-log: time
-of a forward + backward pass, and its peak memory) and prints the measurements.
+that materialises the N x M map (``nl_detectron.layers.NaiveNonLocal``), set up as in
+``benchmark_non_local_block.py``, whose block set-up and memory pass this script imports. Writes
+the figure (log-log: time of a forward + backward pass, and its peak memory) and prints the
+measurements.
 
     python benchmarks/plot_block_scaling.py                       # -> docs/images/block_scaling.png
     python benchmarks/plot_block_scaling.py --quick --output /tmp/block_scaling.png
@@ -23,9 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,14 +33,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchmark_non_local_block import (  # noqa: E402
     Size,
-    alternate,
     forward_backward,
     make_block,
     make_module,
     pass_peak_bytes,
 )
+from common import ROOT, alternate, fmt_mb, medians, run_memory_child  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 CHANNELS = 1024
 # Feature maps of res4's aspect ratio (800x1216 image: 50x76); N = H * W.
 GRIDS = ((16, 24), (24, 36), (32, 48), (50, 76), (64, 96), (80, 120), (100, 152), (128, 192))
@@ -63,8 +60,7 @@ def measure_time(pairwise: str, size: Size, repeats: int, device: str) -> dict[s
     fns = {
         impl: (lambda m=module: forward_backward(m, x, grad)) for impl, module in modules.items()
     }
-    times = alternate(fns, repeats, device)
-    return {impl: statistics.median(ts) for impl, ts in times.items()}
+    return medians(alternate(fns, repeats, device)["wall"])
 
 
 def memory_child(cases: list[tuple[str, str, list[int]]]) -> None:
@@ -85,32 +81,13 @@ def measure_memory(
     if device == "cuda":
         for pairwise, impl, size in cases:
             module = make_module(impl, make_block(pairwise, size, device))
-            x = torch.randn(size.shape(), device=device, requires_grad=True)
-            grad = torch.randn_like(x)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            forward_backward(module, x, grad)
-            torch.cuda.synchronize()
-            peaks[pairwise, impl, size.height * size.width] = (
-                torch.cuda.max_memory_allocated() - before
-            )
-            del module, x, grad
+            peaks[pairwise, impl, size.height * size.width] = pass_peak_bytes(module, size, device)
+            del module
         return peaks
     spec = json.dumps([[p, i, list(s.shape())] for p, i, s in cases])
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    out = subprocess.run(
-        [sys.executable, __file__, "--memory-child", spec],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
-    ).stdout
-    for line in out.splitlines():
-        if line.startswith("{"):
-            row = json.loads(line)
-            pairwise, impl, shape = row["case"]
-            peaks[pairwise, impl, shape[2] * shape[3]] = row["peak_bytes"]
+    for row in run_memory_child(__file__, spec):
+        pairwise, impl, shape = row["case"]
+        peaks[pairwise, impl, shape[2] * shape[3]] = row["peak_bytes"]
     return peaks
 
 
@@ -204,8 +181,8 @@ def main() -> None:
             )
             print(
                 f"| {pairwise} | {size.height}x{size.width} | {n} | {ours['seconds']:.3f} | "
-                f"{naive['seconds']:.3f} | {ours['peak_bytes'] / 2**20:,.0f} | "
-                f"{naive['peak_bytes'] / 2**20:,.0f} |"
+                f"{naive['seconds']:.3f} | {fmt_mb(ours['peak_bytes'])} | "
+                f"{fmt_mb(naive['peak_bytes'])} |"
             )
     version = torch.__version__.split("+")[0]
     title = (

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -23,7 +24,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .data import CONTEXT_SPLITS, SHAPES_SPLITS
 from .errors import UserInputError
 
-__all__ = ["check_inputs"]
+__all__ = ["check_inputs", "check_lazy_inputs"]
 
 # Metadata keys that builtin detectron2 datasets use for files and directories on disk.
 _PATH_KEYS = (
@@ -53,12 +54,69 @@ def check_inputs(
     Raises:
         UserInputError: listing every problem found, each with its fix.
     """
-    problems = [
-        *_device_problems(cfg, num_gpus),
-        *_dataset_problems(cfg, eval_only),
-        *_weights_problems(cfg, eval_only, resume),
-        *_keypoint_problems(cfg),
-    ]
+    uses = [] if eval_only else [(name, "DATASETS.TRAIN") for name in cfg.DATASETS.TRAIN]
+    uses += [(name, "DATASETS.TEST") for name in cfg.DATASETS.TEST]
+    _raise_problems(
+        [
+            *_device_problems(cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED, num_gpus, YACS_KEYS),
+            *_dataset_problems(uses),
+            *_weights_problems(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, eval_only, resume, YACS_KEYS),
+            *_keypoint_problems(cfg),
+        ]
+    )
+
+
+def check_lazy_inputs(
+    cfg: Any, *, eval_only: bool = False, resume: bool = False, num_gpus: int = 1
+) -> None:
+    """:func:`check_inputs` for a Python (LazyConfig) config: ``train.device``,
+    ``train.amp.enabled``, the datasets of ``dataloader.{train,test}.dataset.names``, and
+    ``train.init_checkpoint`` (or the last checkpoint when resuming)."""
+    uses = []
+    for part in ("train", "test"):
+        if eval_only and part == "train":
+            continue
+        names = _lazy_get(cfg, f"dataloader.{part}.dataset.names")
+        if names is not None:
+            names = [names] if isinstance(names, str) else list(names)
+            uses += [(name, f"dataloader.{part}.dataset.names") for name in names]
+    train = cfg.train
+    _raise_problems(
+        [
+            *_device_problems(train.device, bool(train.amp.enabled), num_gpus, LAZY_KEYS),
+            *_dataset_problems(uses),
+            *_weights_problems(
+                train.init_checkpoint, train.output_dir, eval_only, resume, LAZY_KEYS
+            ),
+        ]
+    )
+
+
+def _lazy_get(cfg: Any, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+# The config keys the messages name, for each config system.
+YACS_KEYS = {
+    "device": "MODEL.DEVICE",
+    "amp": "SOLVER.AMP.ENABLED",
+    "weights": "MODEL.WEIGHTS",
+    "output_dir": "OUTPUT_DIR",
+}
+LAZY_KEYS = {
+    "device": "train.device",
+    "amp": "train.amp.enabled",
+    "weights": "train.init_checkpoint",
+    "output_dir": "train.output_dir",
+}
+
+
+def _raise_problems(problems: list[str]) -> None:
     if problems:
         if len(problems) == 1:
             raise UserInputError(problems[0])
@@ -66,25 +124,25 @@ def check_inputs(
         raise UserInputError(f"{len(problems)} problems stop this run:\n{listed}")
 
 
-def _device_problems(cfg: CfgNode, num_gpus: int) -> Iterable[str]:
+def _device_problems(device: str, amp: bool, num_gpus: int, keys: dict[str, str]) -> Iterable[str]:
     cuda = torch.cuda.is_available()
-    if cfg.MODEL.DEVICE.startswith("cuda") and not cuda:
+    dev = keys["device"]
+    if device.startswith("cuda") and not cuda:
         yield (
-            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}, but PyTorch sees no CUDA GPU on this machine. "
-            "Add `MODEL.DEVICE cpu` to the command line (much slower) or run on a GPU machine."
+            f"{dev} is {device!r}, but PyTorch sees no CUDA GPU on this machine. "
+            f"Add `{dev} cpu` to the command line (much slower) or run on a GPU machine."
         )
-    if cfg.SOLVER.AMP.ENABLED and not cfg.MODEL.DEVICE.startswith("cuda"):
+    if amp and not device.startswith("cuda"):
         yield (
-            f"SOLVER.AMP.ENABLED is True, but detectron2's mixed-precision trainer (AMPTrainer) "
-            f"needs CUDA and MODEL.DEVICE is {cfg.MODEL.DEVICE!r}. Set SOLVER.AMP.ENABLED False "
-            "for CPU training."
+            f"{keys['amp']} is True, but detectron2's mixed-precision trainer (AMPTrainer) "
+            f"needs CUDA and {dev} is {device!r}. Set {keys['amp']} False for CPU training."
         )
-    # On CPU (MODEL.DEVICE cpu), --num-gpus is the number of processes (gloo): any number works.
+    # On CPU (device cpu), --num-gpus is the number of processes (gloo): any number works.
     gpus = torch.cuda.device_count() if cuda else 0
-    if cfg.MODEL.DEVICE.startswith("cuda") and num_gpus > 1 and num_gpus > gpus:
+    if device.startswith("cuda") and num_gpus > 1 and num_gpus > gpus:
         yield (
             f"--num-gpus {num_gpus} starts one process per GPU, but this machine has "
-            f"{gpus} CUDA GPU(s). Use at most the number of GPUs, or `MODEL.DEVICE cpu` to "
+            f"{gpus} CUDA GPU(s). Use at most the number of GPUs, or `{dev} cpu` to "
             f"train in {num_gpus} CPU processes."
         )
 
@@ -93,9 +151,8 @@ def _datasets_root() -> str:
     return os.path.abspath(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")))
 
 
-def _dataset_problems(cfg: CfgNode, eval_only: bool) -> Iterable[str]:
-    uses = [] if eval_only else [(name, "DATASETS.TRAIN") for name in cfg.DATASETS.TRAIN]
-    uses += [(name, "DATASETS.TEST") for name in cfg.DATASETS.TEST]
+def _dataset_problems(uses: list[tuple[str, str]]) -> Iterable[str]:
+    """``uses``: ``(dataset name, the config key that names it)``."""
     registered = DatasetCatalog.list()
     missing: dict[tuple[str, str], list[str]] = {}
     for name, key in _unique(uses):
@@ -183,12 +240,15 @@ def _cache_path(url: str) -> str:
     )
 
 
-def _weights_problems(cfg: CfgNode, eval_only: bool, resume: bool) -> Iterable[str]:
-    last_checkpoint = os.path.join(cfg.OUTPUT_DIR, "last_checkpoint")
+def _weights_problems(
+    weights: str, output_dir: str, eval_only: bool, resume: bool, keys: dict[str, str]
+) -> Iterable[str]:
+    key = keys["weights"]
+    last_checkpoint = os.path.join(output_dir, "last_checkpoint")
     if resume and os.path.isfile(last_checkpoint):
         with open(last_checkpoint, encoding="utf-8") as f:
             name = f.read().strip()
-        path = os.path.join(cfg.OUTPUT_DIR, name)
+        path = os.path.join(output_dir, name)
         if not os.path.isfile(path):
             yield (
                 f"--resume: {last_checkpoint} names checkpoint {name!r}, which does not exist "
@@ -196,20 +256,20 @@ def _weights_problems(cfg: CfgNode, eval_only: bool, resume: bool) -> Iterable[s
                 "--resume."
             )
         return
-    weights = cfg.MODEL.WEIGHTS
     if not weights:
         if eval_only:
             yield (
-                "--eval-only needs trained weights, but MODEL.WEIGHTS is empty. Add "
-                "`MODEL.WEIGHTS /path/to/model_final.pth` (or --resume to evaluate the last "
-                "checkpoint in OUTPUT_DIR)."
+                f"--eval-only needs trained weights, but {key} is empty. Add "
+                f"`{key} /path/to/model_final.pth` (or --resume to evaluate the last "
+                f"checkpoint in {keys['output_dir']})."
             )
         return
     if "://" not in weights:
-        if not os.path.isfile(weights):
+        file = weights.split("?", 1)[0]  # Detectron2 main's ?matching_heuristics=True
+        if not os.path.isfile(file):
             yield (
-                f"MODEL.WEIGHTS {weights!r} does not exist (looked at {os.path.abspath(weights)}). "
-                "Pass an existing file, a URL, or `MODEL.WEIGHTS ''` to train from scratch."
+                f"{key} {weights!r} does not exist (looked at {os.path.abspath(file)}). "
+                f"Pass an existing file, a URL, or `{key} ''` to train from scratch."
             )
         return
     import detectron2.checkpoint  # noqa: F401  (registers the catalog:// handler)
@@ -217,7 +277,7 @@ def _weights_problems(cfg: CfgNode, eval_only: bool, resume: bool) -> Iterable[s
 
     url = _resolved_url(weights)
     if not os.path.isfile(_cache_path(url)):
-        print(f"Downloading MODEL.WEIGHTS {url} into {_cache_path(url)} ...", file=sys.stderr)
+        print(f"Downloading {key} {url} into {_cache_path(url)} ...", file=sys.stderr)
     try:
         # iopath's own progress bar and failure log would only repeat the problem below.
         with _quiet_download():
@@ -225,10 +285,10 @@ def _weights_problems(cfg: CfgNode, eval_only: bool, resume: bool) -> Iterable[s
     except Exception as e:  # noqa: BLE001  (any failure to fetch means the same fix)
         via = f" ({url})" if url != weights else ""
         yield (
-            f"Could not get MODEL.WEIGHTS {weights}{via}: {type(e).__name__}: {e}. "
+            f"Could not get {key} {weights}{via}: {type(e).__name__}: {e}. "
             f"It is downloaded once into {_cache_path(url)} ($FVCORE_CACHE, default "
             "~/.torch/iopath_cache). Download the file on a machine with internet access, copy "
-            f"it here, and pass `MODEL.WEIGHTS /local/path/{url.split('/')[-1]}` (or put it at "
+            f"it here, and pass `{key} /local/path/{url.split('/')[-1]}` (or put it at "
             "that cache path)."
         )
 

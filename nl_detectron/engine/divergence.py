@@ -13,12 +13,14 @@ import logging
 import math
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 from detectron2.config import CfgNode
 
 from ..errors import TrainingDivergedError, UserInputError
 
 __all__ = [
+    "SolverSettings",
     "TrainingDivergedError",
     "diverged_message",
     "parse_d2_message",
@@ -26,42 +28,78 @@ __all__ = [
 ]
 
 
+@dataclass(frozen=True)
+class SolverSettings:
+    """What the divergence message quotes of a run's solver, with the config keys to change."""
+
+    base_lr: float
+    batch_size: int
+    warmup_iters: int
+    amp: bool
+    clip_gradients: bool
+    keys: Mapping[str, str] = field(
+        default_factory=lambda: {
+            "base_lr": "SOLVER.BASE_LR",
+            "batch_size": "SOLVER.IMS_PER_BATCH",
+            "warmup_iters": "SOLVER.WARMUP_ITERS",
+            "amp": "SOLVER.AMP.ENABLED",
+            "clip_gradients": "SOLVER.CLIP_GRADIENTS.ENABLED True (with CLIP_TYPE 'norm')",
+            "weights": "MODEL.WEIGHTS",
+            "output_dir": "OUTPUT_DIR",
+        }
+    )
+
+    @classmethod
+    def from_config(cls, cfg: CfgNode) -> SolverSettings:
+        solver = cfg.SOLVER
+        return cls(
+            solver.BASE_LR,
+            solver.IMS_PER_BATCH,
+            solver.WARMUP_ITERS,
+            bool(solver.AMP.ENABLED),
+            bool(solver.CLIP_GRADIENTS.ENABLED),
+        )
+
+
 def diverged_message(
-    iteration: int, losses: Mapping[str, float], cfg: CfgNode, last_checkpoint: str = ""
+    iteration: int,
+    losses: Mapping[str, float],
+    solver: SolverSettings | CfgNode,
+    last_checkpoint: str = "",
 ) -> str:
     """Why a run stopped at ``iteration`` with non-finite ``losses``, and what to try.
 
     Args:
         iteration: the iteration whose loss was not finite (0-based, as in the logs).
         losses: the loss terms of that iteration (any may be NaN / inf).
-        cfg: the run's config (learning rate, warm-up, AMP).
+        solver: the run's solver settings (or its yacs config).
         last_checkpoint: the last complete checkpoint, kept as it was; "" if none.
     """
+    if isinstance(solver, CfgNode):
+        solver = SolverSettings.from_config(solver)
+    keys = solver.keys
     bad = [f"{k}={v}" for k, v in losses.items() if not math.isfinite(v)]
     terms = ", ".join(bad) if bad else "the total loss"
-    solver = cfg.SOLVER
     causes = [
-        f"the learning rate is too high for this batch size (SOLVER.BASE_LR {solver.BASE_LR:g}, "
-        f"SOLVER.IMS_PER_BATCH {solver.IMS_PER_BATCH}, SOLVER.WARMUP_ITERS "
-        f"{solver.WARMUP_ITERS}): lower SOLVER.BASE_LR (scale it with the batch size) or "
-        "lengthen the warm-up",
+        f"the learning rate is too high for this batch size ({keys['base_lr']} "
+        f"{solver.base_lr:g}, {keys['batch_size']} {solver.batch_size}, "
+        f"{keys['warmup_iters']} {solver.warmup_iters}): lower {keys['base_lr']} (scale it with "
+        "the batch size) or lengthen the warm-up",
         "bad annotations in the training data (boxes or keypoints that do not match their "
         "objects, coordinates in another scale)",
     ]
-    if solver.AMP.ENABLED:
+    if solver.amp:
         causes.append(
-            "a float16 overflow under mixed precision (SOLVER.AMP.ENABLED True): try "
-            "SOLVER.AMP.ENABLED False to confirm"
+            f"a float16 overflow under mixed precision ({keys['amp']} True): try "
+            f"{keys['amp']} False to confirm"
         )
-    if solver.CLIP_GRADIENTS.ENABLED is False:
-        causes.append(
-            "exploding gradients: SOLVER.CLIP_GRADIENTS.ENABLED True (with CLIP_TYPE 'norm') "
-            "limits them"
-        )
+    if not solver.clip_gradients:
+        causes.append(f"exploding gradients: {keys['clip_gradients']} limits them")
     kept = (
         f"The last complete checkpoint, {last_checkpoint}, is unchanged. --resume continues "
-        "from it with the learning rate stored in it; to change SOLVER.BASE_LR, start a new run "
-        f"from its weights: MODEL.WEIGHTS {last_checkpoint} with a new OUTPUT_DIR."
+        f"from it with the learning rate stored in it; to change {keys['base_lr']}, start a new "
+        f"run from its weights: {keys['weights']} {last_checkpoint} with a new "
+        f"{keys['output_dir']}."
         if last_checkpoint
         else "No checkpoint had been written yet."
     )

@@ -1,4 +1,5 @@
-"""Smoke runs of the benchmark scripts' ``--quick`` modes: they run and print their tables.
+"""Smoke runs of the benchmark scripts' ``--quick`` modes (and of the profile investigation at
+the quick size): they run and print their tables.
 
 No timing is asserted: the figures of a quick run mean nothing.
 """
@@ -16,10 +17,10 @@ from training_runs import REPO
 BENCHMARKS = REPO / "benchmarks"
 
 
-def run_script(name: str, *args: str) -> str:
-    """Run ``benchmarks/<name> --quick <args>``; return its standard output."""
+def run_script(name: str, *args: str, quick: bool = True) -> str:
+    """Run ``benchmarks/<name> [--quick] <args>``; return its standard output."""
     result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), "--quick", *args],
+        [sys.executable, str(BENCHMARKS / name), *(["--quick"] if quick else []), *args],
         capture_output=True,
         text=True,
         timeout=900,
@@ -63,3 +64,15 @@ def test_block_scaling_quick(tmp_path: Path) -> None:
     for pairwise in ("embedded_gaussian", "dot_product"):
         assert len(table_rows(out, pairwise)) == 3, out
     assert image.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_profile_investigation_quick_size() -> None:
+    args = ("--models", "mask_rcnn", "--sizes", "quick", "--repeats", "1")
+    out = run_script("investigate_non_local_profile.py", *args, quick=False)
+    for heading in ("Profile, train_step", "Profile, inference", "Fused attention"):
+        assert f"### {heading}" in out, out
+    assert len(table_rows(out, "forward")) == 1, out
+    (flops,) = table_rows(out, "mask_rcnn | quick")
+    cells = flops.split("|")
+    assert float(cells[4]) > float(cells[3]) > 0  # the NL model does more arithmetic
