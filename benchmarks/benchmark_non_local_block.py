@@ -128,11 +128,15 @@ def pass_peak_bytes(module: nn.Module, size: Size, device: str = "cpu") -> int:
     return measure_peak(lambda: forward_backward(module, x, grad), device)["growth_bytes"]
 
 
-def measure_memory_child(impl: str, pairwise: str, size_name: str) -> None:
-    """Child process: print the peak memory of one forward and backward pass as JSON."""
-    size = SIZES[size_name]
-    module = make_module(impl, make_block(pairwise, size, "cpu"))
-    print(json.dumps({"peak_bytes": pass_peak_bytes(module, size)}))
+def memory_child(cases: list[tuple[str, str, list[int]]]) -> None:
+    """Child process: for each ``(pairwise, impl, shape)`` in turn, print the peak memory of a
+    forward and backward pass as JSON (``case``, ``peak_bytes``)."""
+    for pairwise, impl, shape in cases:
+        size = Size(*shape)
+        module = make_module(impl, make_block(pairwise, size, "cpu"))
+        peak_bytes = pass_peak_bytes(module, size)
+        print(json.dumps({"case": [pairwise, impl, shape], "peak_bytes": peak_bytes}))
+        del module
 
 
 def peak_memory(impl: str, pairwise: str, size_name: str, device: str) -> int:
@@ -227,7 +231,8 @@ def main() -> None:
     parser.add_argument("--memory-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
-        measure_memory_child(*args.memory_child)
+        impl, pairwise, size_name = args.memory_child
+        memory_child([(pairwise, impl, list(SIZES[size_name].shape()))])
         return
     if args.clock == "cpu" and args.device != "cpu":
         parser.error("--clock cpu measures CPU time: use it with --device cpu")

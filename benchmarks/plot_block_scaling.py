@@ -36,6 +36,7 @@ from benchmark_non_local_block import (  # noqa: E402
     forward_backward,
     make_block,
     make_module,
+    memory_child,
     pass_peak_bytes,
 )
 from common import ROOT, alternate, fmt_mb, medians, run_memory_child  # noqa: E402
@@ -61,16 +62,6 @@ def measure_time(pairwise: str, size: Size, repeats: int, device: str) -> dict[s
         impl: (lambda m=module: forward_backward(m, x, grad)) for impl, module in modules.items()
     }
     return medians(alternate(fns, repeats, device)["wall"])
-
-
-def memory_child(cases: list[tuple[str, str, list[int]]]) -> None:
-    """Child process: print the peak memory of each case's forward + backward pass as JSON."""
-    for pairwise, impl, shape in cases:
-        size = Size(*shape)
-        module = make_module(impl, make_block(pairwise, size, "cpu"))
-        peak_bytes = pass_peak_bytes(module, size)
-        print(json.dumps({"case": [pairwise, impl, shape], "peak_bytes": peak_bytes}))
-        del module
 
 
 def measure_memory(

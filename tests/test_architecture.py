@@ -28,7 +28,7 @@ LAYERS = {
     "cli": 6,
 }
 # The tools that train; every other tool stays off the trainer.
-TRAINING_TOOLS = {"train_net.py"}
+TRAINING_TOOLS = {"train_net.py", "lazyconfig_train_net.py"}
 
 
 def _component(module: str) -> str | None:
