@@ -13,6 +13,8 @@ import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
 
+from torch.jit import TracerWarning
+
 __all__ = [
     "KNOWN_THIRD_PARTY_WARNINGS",
     "KnownWarning",
@@ -46,6 +48,34 @@ KNOWN_THIRD_PARTY_WARNINGS: tuple[KnownWarning, ...] = (
         r"torch\.jit\._script",
         "Detectron2 scripts helper functions at import; TorchScript export still works and "
         "is what Detectron2's deployment uses.",
+    ),
+    KnownWarning(
+        FutureWarning,
+        r"`torch\.jit\.(trace|trace_method|save|load)` is deprecated",
+        r"torch\.jit\.",
+        "TorchScript is what Detectron2's deployment exports; tools/export_model.py uses it.",
+    ),
+    KnownWarning(
+        TracerWarning,
+        r"",
+        r"(detectron2\.|torchvision\.|torch$|torch\.nn\.functional$)",
+        "Detectron2's structures and heads (and the torch / torchvision functions they call) "
+        "convert tensors to Python values while traced; its TracingAdapter is built for that, "
+        "and the exported models are checked against eager.",
+    ),
+    KnownWarning(
+        UserWarning,
+        r"Exporting aten::index operator of advanced indexing",
+        r"torch\.onnx\.",
+        "The ONNX exporter's general caveat about negative indices; the exported models are "
+        "checked against eager with onnxruntime.",
+    ),
+    KnownWarning(
+        DeprecationWarning,
+        r"The feature will be removed",
+        r"torch\.onnx\.",
+        "An internal of the TorchScript-based ONNX exporter, which Detectron2's TracingAdapter "
+        "needs (nl_detectron.export).",
     ),
     KnownWarning(
         UserWarning,

@@ -25,6 +25,7 @@ LAYERS = {
     "engine": 5,
     "visualization": 5,
     "preflight": 5,
+    "export": 5,
     "cli": 6,
 }
 # The tools that train; every other tool stays off the trainer.

@@ -69,14 +69,16 @@ def train_net(
     config: Optional[Path] = TINY_CONFIG,
     data_root: Optional[Path] = None,
     env: Optional[dict[str, str]] = None,
+    script: Path = TRAIN_NET,
 ) -> subprocess.CompletedProcess:
-    """Run ``train_net.py --config-file config *args`` to completion (``config`` None: ``args``
-    has its own, or none; the generated data under ``data_root`` if given; ``env`` overrides
-    variables of :func:`run_env`). The one way the tests run a training."""
+    """Run ``train_net.py --config-file config *args`` (or another tool, ``script``) to
+    completion (``config`` None: ``args`` has its own, or none; the generated data under
+    ``data_root`` if given; ``env`` overrides variables of :func:`run_env`). The one way the
+    tests run a training or a tool that loads a model."""
     env = {**run_env(), **(env or {})}
     if data_root is not None:
         env["NL_DETECTRON_DATA"] = str(data_root)
-    command = [sys.executable, str(TRAIN_NET)]
+    command = [sys.executable, str(script)]
     command += [*(["--config-file", str(config)] if config is not None else []), *args]
     return subprocess.run(
         command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout

@@ -38,8 +38,9 @@ SDIST_NAME = "pb1-detectron2"
 SDIST_VERSION = "0.6"
 SDIST_FILE = f"{SDIST_NAME}-{SDIST_VERSION}.tar.gz"
 SDIST_SHA256 = "5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
-# Version recorded for the installed distribution: v0.6, marked as the pure-Python build.
-INSTALLED_VERSION = "0.6+purepython"
+# Version recorded for the installed distribution: v0.6, marked as the pure-Python build, with
+# the revision of PATCHES (bumped when they change, so that an older build is replaced).
+INSTALLED_VERSION = "0.6+purepython.2"
 REQUIRED_SUBPACKAGES = ("modeling", "data", "evaluation", "engine")
 OFFICIAL_INSTALL = (
     "python -m pip install --no-build-isolation "
@@ -155,6 +156,19 @@ PATCHES: list[tuple[str, str, str, str, int]] = [
         1,
     ),
     (
+        "export/__init__.py",
+        "from .api import *\n",
+        "try:  # the caffe2 exporter: caffe2 is not part of PyTorch 2\n"
+        "    from caffe2.proto import caffe2_pb2 as _caffe2_pb2  # noqa: F401\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "else:\n"
+        "    from .api import *\n",
+        "detectron2.export imports the caffe2 exporter at its top, and caffe2 is gone from "
+        "PyTorch 2: guard it as Detectron2 main does, so TorchScript and ONNX export import.",
+        1,
+    ),
+    (
         "layers/nms.py",
         "    return torch.ops.detectron2.nms_rotated(boxes, scores, iou_threshold)\n",
         "    from detectron2 import _C  # pure-Python build: raises the missing-extension error\n\n"
@@ -200,6 +214,17 @@ def existing_detectron2(python: str) -> str | None:
     if not _version_at_least(version, (0, 6)):
         return None
     return f"detectron2 {version} ({kind}) at {os.path.dirname(path)}"
+
+
+# Earlier revisions of this script's registry build, which a run of it replaces.
+_OLDER_BUILDS = ("0.6+purepython",)
+
+
+def _installed_distribution_version(python: str) -> str:
+    """The version of the installed ``detectron2`` distribution ("" if none)."""
+    probe = "import importlib.metadata as m; print(m.version('detectron2'))"
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else ""
 
 
 def _is_compiled(python: str) -> bool:
@@ -475,9 +500,12 @@ def build_official(python: str, source: Path) -> str:
 def provision(python: str, expected_sha256: str, keep_existing: bool = True) -> str:
     if keep_existing:
         found = existing_detectron2(python)
-        if found:
+        outdated = _installed_distribution_version(python)
+        if found and outdated not in _OLDER_BUILDS:
             log(f"using the installed {found}; nothing to do")
             return found
+        if found:
+            log(f"replacing the registry build {outdated}: its fixes are older than these")
     with tempfile.TemporaryDirectory(prefix="nl-detectron2-") as tmp:
         workdir = Path(tmp)
         sdist = fetch_sdist(python, workdir, expected_sha256)

@@ -1,5 +1,6 @@
 """The non-local block and its parts (no Detectron2 model code; no config)."""
 
+from .export_mode import export_mode
 from .non_local_block import NORMS, NonLocalBlock
 from .pairwise import (
     PAIRWISE_FUNCTIONS,
@@ -24,5 +25,6 @@ __all__ = [
     "NonLocalBlock",
     "PairwiseFunction",
     "SyncBatchNorm",
+    "export_mode",
     "from_pytorchvideo",
 ]

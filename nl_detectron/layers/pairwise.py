@@ -36,9 +36,18 @@ __all__ = [
 
 
 class PairwiseFunction(nn.Module):
-    """Base of the pairwise functions (the interface in the module docstring)."""
+    """Base of the pairwise functions (the interface in the module docstring).
+
+    ``export`` (set by :func:`nl_detectron.layers.export_mode`, never by itself) selects plain
+    matrix products over the materialised map, which tracing and ONNX record whatever the input
+    size: no fused kernel, no loop whose count depends on the traced size, no sort.
+    """
 
     uses_embeddings = True  # theta and phi; False: x itself (the Gaussian form)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.export = False
 
     def embed_queries(
         self,
@@ -84,24 +93,37 @@ class _Softmax(PairwiseFunction):
     at a time, without padding.
     """
 
-    def __init__(self, scale: float, chunk_elements: int) -> None:
+    def __init__(
+        self, scale: float, chunk_elements: int, query_channels: int, value_channels: int
+    ) -> None:
         super().__init__()
         self.scale = scale
         self.chunk_elements = chunk_elements
+        # Widths of queries / keys and of values (Python ints: a trace records no shape test).
+        self.query_channels, self.value_channels = query_channels, value_channels
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor, w_f: Optional[Tensor]):
-        if queries.device.type == "cpu" and not (
-            queries.requires_grad or keys.requires_grad or values.requires_grad
+        if self.export:
+            # (N, Cq, HW)^T @ (N, Cq, M) -> (N, HW, M), softmax over M, @ (N, M, C') -> (N, HW, C')
+            weights = torch.softmax(
+                (upcast(queries) * self.scale).transpose(1, 2) @ upcast(keys), dim=2
+            )
+            return (weights @ upcast(values).transpose(1, 2)).transpose(1, 2)
+        if (
+            not torch.jit.is_tracing()
+            and queries.device.type == "cpu"
+            and not (queries.requires_grad or keys.requires_grad or values.requires_grad)
         ):
             return self._in_chunks(queries, keys, values)
-        width = max(queries.shape[1], values.shape[1])
+        cq, cv = self.query_channels, self.value_channels
+        width = max(cq, cv)
         # (N, C', L) -> (N, 1, L, width): one attention head, positions as rows
-        q = rows(queries, width)[:, None]
-        k = rows(keys, width)[:, None]
-        v = rows(values, width)[:, None]
+        q = rows(queries, cq, width)[:, None]
+        k = rows(keys, cq, width)[:, None]
+        v = rows(values, cv, width)[:, None]
         y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
         # (N, 1, HW, width) -> (N, HW, C') -> (N, C', HW)
-        return y[:, 0, :, : values.shape[1]].transpose(1, 2)
+        return y[:, 0, :, :cv].transpose(1, 2)
 
     def _in_chunks(self, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
         # (N, Cq, HW) -> (N, HW, Cq), scaled once here rather than every logit
@@ -244,6 +266,10 @@ class Concatenation(PairwiseFunction):
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor, w_f: Optional[Tensor]):
         assert w_f is not None
+        if self.export:
+            # (N, HW, M) @ (N, M, C') -> (N, HW, C') -> (N, C', HW)
+            f = self.rows(queries, keys, w_f)
+            return (f @ upcast(values).transpose(1, 2)).transpose(1, 2)
         a, b = queries, self._key_terms(keys, w_f)
         # (N, C', M) -> (N, M, C')
         v = upcast(values).transpose(1, 2)
@@ -285,9 +311,11 @@ def make_pairwise(
     ``scale`` None is the released code's default (``C' ** -0.5``, or ``C ** -0.5`` for the
     Gaussian form, whose logits are dot products of raw C-channel features)."""
     if name == "embedded_gaussian":
-        return EmbeddedGaussian(inner_channels**-0.5 if scale is None else scale, chunk_elements)
+        scale = inner_channels**-0.5 if scale is None else scale
+        return EmbeddedGaussian(scale, chunk_elements, inner_channels, inner_channels)
     if name == "gaussian":
-        return Gaussian(channels**-0.5 if scale is None else scale, chunk_elements)
+        scale = channels**-0.5 if scale is None else scale
+        return Gaussian(scale, chunk_elements, channels, inner_channels)
     if name == "dot_product":
         return DotProduct(channels, inner_channels)
     if name == "concatenation":

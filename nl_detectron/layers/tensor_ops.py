@@ -63,15 +63,16 @@ def pointwise(conv_weight: Tensor, bias: Optional[Tensor], flat: Tensor) -> Tens
     return linear(conv_matrix(conv_weight), bias, flat)
 
 
-def rows(t: Tensor, width: int) -> Tensor:
-    """Channels-first to rows, zero-padded to ``width`` channels: ``(N, C, L) -> (N, L, width)``.
+def rows(t: Tensor, channels: int, width: int) -> Tensor:
+    """Channels-first to rows, zero-padded to ``width`` channels: ``(N, C, L) -> (N, L, width)``,
+    ``C = channels``.
 
     Contiguous, as fused attention needs a unit stride along the channels.
     """
     # (N, C, L) -> (N, L, C)
     out = t.transpose(1, 2)
-    if out.shape[2] < width:
-        out = F.pad(out, [0, width - out.shape[2]])
+    if channels < width:
+        out = F.pad(out, [0, width - channels])
     return out.contiguous()
 
 

@@ -226,7 +226,8 @@ class NonLocalFPN(FPN):
     res4 only.
 
     Its children are the FPN's, under their names, plus ``non_local_p2``... (a vanilla FPN
-    checkpoint loads). ``p6`` (``LastLevelMaxPool``) is pooled from p5 before p5's block.
+    checkpoint loads). ``p6`` (``LastLevelMaxPool``) is pooled from p5 before p5's block. Not
+    scriptable (its forward extends the FPN's); export it by tracing.
     """
 
     def __init__(
@@ -270,15 +271,22 @@ class NonLocalFPN(FPN):
 @BACKBONE_REGISTRY.register()
 def build_non_local_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """``build_resnet_fpn_backbone`` on top of :func:`build_non_local_resnet_backbone`, with NL
-    blocks on the FPN levels of ``MODEL.NONLOCAL.FPN_POSITIONS`` (none by default)."""
+    blocks on the FPN levels of ``MODEL.NONLOCAL.FPN_POSITIONS`` (none by default: then
+    Detectron2's own ``FPN``, scriptable as it is)."""
+    fpn_args = {
+        "bottom_up": build_non_local_resnet_backbone(cfg, input_shape),
+        "in_features": cfg.MODEL.FPN.IN_FEATURES,
+        "out_channels": cfg.MODEL.FPN.OUT_CHANNELS,
+        "norm": cfg.MODEL.FPN.NORM,
+        "top_block": LastLevelMaxPool(),
+        "fuse_type": cfg.MODEL.FPN.FUSE_TYPE,
+    }
+    levels = list(cfg.MODEL.NONLOCAL.FPN_POSITIONS)
+    if not levels:
+        return FPN(**fpn_args)
     return NonLocalFPN(
-        bottom_up=build_non_local_resnet_backbone(cfg, input_shape),
-        in_features=cfg.MODEL.FPN.IN_FEATURES,
-        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
-        norm=cfg.MODEL.FPN.NORM,
-        top_block=LastLevelMaxPool(),
-        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
-        non_local_levels=cfg.MODEL.NONLOCAL.FPN_POSITIONS,
+        non_local_levels=levels,
         non_local_bottleneck_ratio=cfg.MODEL.NONLOCAL.BOTTLENECK_RATIO,
         non_local_args=non_local_block_args(cfg),
+        **fpn_args,
     )
