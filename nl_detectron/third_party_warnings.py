@@ -35,6 +35,7 @@ class KnownWarning(NamedTuple):
     def pytest_filter(self) -> str:
         """The entry for pytest's ``filterwarnings`` option (``action:message:category:module``;
         pytest escapes nothing, so ``:`` must not occur in the patterns)."""
+        assert ":" not in self.message + self.module, "pytest splits its filters at ':'"
         name = f"{self.category.__module__}.{self.category.__qualname__}"
         if self.category.__module__ == "builtins":
             name = self.category.__qualname__
@@ -65,7 +66,7 @@ KNOWN_THIRD_PARTY_WARNINGS: tuple[KnownWarning, ...] = (
     ),
     KnownWarning(
         UserWarning,
-        r"Exporting aten::index operator of advanced indexing",
+        r"Exporting aten..index operator of advanced indexing",
         r"torch\.onnx\.",
         "The ONNX exporter's general caveat about negative indices; the exported models are "
         "checked against eager with onnxruntime.",

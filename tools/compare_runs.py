@@ -12,6 +12,7 @@ bbox/AP) is compared; --which last compares the latest.
 import argparse
 import sys
 
+from nl_detectron.errors import UserInputError
 from nl_detectron.evaluation.run_comparison import format_comparison, load_eval_result
 
 
@@ -29,7 +30,7 @@ def main(argv=None):
             load_eval_result(d, which=args.which, metric=args.metric, dataset=args.dataset)
             for d in (args.baseline, args.other)
         ]
-    except (FileNotFoundError, ValueError) as e:
+    except UserInputError as e:
         sys.exit(f"error: {e}")
     print(f"COCO AP ({args.which} evaluation of each run): {args.names[1]} vs {args.names[0]}")
     print(format_comparison(*results, names=args.names))

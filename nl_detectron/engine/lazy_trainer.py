@@ -26,6 +26,7 @@ from detectron2.utils import comm
 from ..checkpoint import AtomicCheckpointer, BestCheckpointer, NonLocalCheckpointer
 from ..compat import create_ddp_model, restart_data_loader
 from ..data.train_loader import ReseedEachIteration, ResumableTrainLoader
+from ..evaluation.metrics_file import main_metric_of
 from .divergence import (
     SolverSettings,
     TrainingDivergedError,
@@ -44,11 +45,10 @@ def lazy_main_metric(cfg: Any) -> str:
     """The metric that picks the best model: ``segm/AP`` with a mask head, else
     ``keypoints/AP`` with a keypoint head, else ``bbox/AP``."""
     roi_heads = cfg.model.get("roi_heads", {})
-    if roi_heads.get("mask_head") is not None:
-        return "segm/AP"
-    if roi_heads.get("keypoint_head") is not None:
-        return "keypoints/AP"
-    return "bbox/AP"
+    return main_metric_of(
+        mask=roi_heads.get("mask_head") is not None,
+        keypoints=roi_heads.get("keypoint_head") is not None,
+    )
 
 
 def clipped_sgd(

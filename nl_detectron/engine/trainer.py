@@ -22,6 +22,7 @@ from ..data.checks import CheckedDatasetMapper
 from ..data.train_loader import ReseedEachIteration, ResumableTrainLoader, build_train_loader
 from ..errors import UserInputError
 from ..evaluation import FastCOCOEvaluator
+from ..evaluation.metrics_file import main_metric_of
 from ..layers import NonLocalBlock
 from .divergence import (
     TrainingDivergedError,
@@ -40,13 +41,7 @@ def main_metric(cfg: CfgNode) -> str:
     """The metric that picks the best model, as the evaluation stores it: ``segm/AP`` for Mask
     R-CNN, else ``keypoints/AP`` for Keypoint R-CNN, else ``bbox/AP`` (prefixed by the first
     test dataset's name when there are several)."""
-    if cfg.MODEL.MASK_ON:
-        task = "segm"
-    elif cfg.MODEL.KEYPOINT_ON:
-        task = "keypoints"
-    else:
-        task = "bbox"
-    metric = f"{task}/AP"
+    metric = main_metric_of(mask=cfg.MODEL.MASK_ON, keypoints=cfg.MODEL.KEYPOINT_ON)
     if len(cfg.DATASETS.TEST) > 1:
         metric = f"{cfg.DATASETS.TEST[0]}/{metric}"
     return metric

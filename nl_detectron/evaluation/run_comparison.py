@@ -3,13 +3,14 @@ Tables 5 and 6, read from the ``metrics.json`` that detectron2 writes into each 
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tabulate import tabulate
+
+from ..errors import UserInputError
+from .metrics_file import MAIN_TASKS, read_metrics_records
 
 __all__ = [
     "COMPARED_METRICS",
@@ -21,7 +22,6 @@ __all__ = [
 # (task as detectron2 names it, column title) and the metrics shown per task.
 _TASKS = (("bbox", "box"), ("segm", "mask"), ("keypoints", "kp"))
 COMPARED_METRICS = ("AP", "AP50", "AP75")
-_MAIN_TASK_ORDER = ("segm", "keypoints", "bbox")  # the metric BestCheckpointer tracks
 
 
 @dataclass(frozen=True)
@@ -72,31 +72,19 @@ def load_eval_result(
             which one.
 
     Raises:
-        FileNotFoundError: no metrics.json in ``output_dir``.
-        ValueError: metrics.json holds no evaluation, or ``which`` / ``metric`` is invalid.
+        UserInputError: no readable metrics.json in ``output_dir``, no evaluation in it, or
+            ``which`` / ``metric`` invalid.
     """
     if which not in ("best", "last"):
-        raise ValueError(f"which must be 'best' or 'last', got {which!r}.")
-    path = os.path.join(output_dir, "metrics.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"No metrics.json in {output_dir!r} (looked at {os.path.abspath(path)}). Pass the "
-            "OUTPUT_DIR of a run of tools/train_net.py."
-        )
-    evaluations: list[EvalResult] = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            record = json.loads(line)
-            metrics = _eval_metrics(record, dataset)
-            if metrics:
-                evaluations.append(
-                    EvalResult(output_dir, int(record.get("iteration", -1)), metrics)
-                )
+        raise UserInputError(f"which must be 'best' or 'last', got {which!r}.")
+    path, records = read_metrics_records(output_dir)
+    evaluations = [
+        EvalResult(output_dir, int(record["iteration"]), metrics)
+        for record in records
+        if (metrics := _eval_metrics(record, dataset))
+    ]
     if not evaluations:
-        raise ValueError(
+        raise UserInputError(
             f"{path} holds no evaluation results (keys like 'segm/AP'). Evaluate the run: set "
             "TEST.EVAL_PERIOD, or let training finish (it evaluates at the end), or run "
             "tools/train_net.py --eval-only with the same OUTPUT_DIR."
@@ -105,10 +93,10 @@ def load_eval_result(
         return evaluations[-1]
     if metric is None:
         present = {k for e in evaluations for k in e.metrics}
-        metric = next((f"{t}/AP" for t in _MAIN_TASK_ORDER if f"{t}/AP" in present), None)
+        metric = next((f"{t}/AP" for t in MAIN_TASKS if f"{t}/AP" in present), None)
     scored = [e for e in evaluations if _finite(e.metrics.get(metric))]
     if not scored:
-        raise ValueError(f"No evaluation in {path} has a value for {metric!r}.")
+        raise UserInputError(f"No evaluation in {path} has a value for {metric!r}.")
     return max(scored, key=lambda e: e.metrics[metric])
 
 

@@ -6,7 +6,6 @@ training, ``bbox/AP``, ``segm/AP50``, ``keypoints/AP`` ... after an evaluation).
 appends to the file; for an iteration logged twice the later value is kept.
 """
 
-import json
 import logging
 import math
 from collections import defaultdict
@@ -18,6 +17,7 @@ from typing import Optional, Union
 from matplotlib.lines import Line2D
 
 from ..errors import UserInputError
+from ..evaluation.metrics_file import read_metrics_records
 from .figure import pixel_figure, save_png
 
 __all__ = ["DEFAULT_AP_METRICS", "RunMetrics", "load_metrics", "parse_run", "plot_metrics"]
@@ -51,36 +51,9 @@ def load_metrics(path: Union[str, Path], label: Optional[str] = None) -> RunMetr
     A last line cut short (a run still writing) is skipped with a log line; any other line that
     is not a JSON object with an ``iteration`` raises ``UserInputError``.
     """
-    path = Path(path)
-    if path.is_dir():
-        if not (path / "metrics.json").is_file():
-            raise UserInputError(
-                f"Run folder {str(path)!r} has no metrics.json; pass the OUTPUT_DIR of a "
-                "training run (tools/train_net.py writes metrics.json there) or the file itself."
-            )
-        path = path / "metrics.json"
-    if not path.is_file():
-        raise UserInputError(
-            f"Metrics file {str(path)!r} does not exist; pass a training run's OUTPUT_DIR or "
-            "the metrics.json in it."
-        )
+    path, records = read_metrics_records(path)
     per_key: dict[str, dict[int, float]] = defaultdict(dict)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            if number == len(lines):
-                logger.info("Skipping the incomplete last line of %s.", path)
-                continue
-            raise UserInputError(f"Line {number} of {str(path)!r} is not JSON: {e}.") from e
-        if not isinstance(record, dict) or not isinstance(record.get("iteration"), int):
-            raise UserInputError(
-                f"Line {number} of {str(path)!r} is not a metrics record (a JSON object with an "
-                "integer 'iteration'); is this a detectron2 metrics.json?"
-            )
+    for record in records:
         iteration = record["iteration"]
         for key, value in record.items():
             if key != "iteration" and isinstance(value, (int, float)) and math.isfinite(value):

@@ -40,7 +40,7 @@ def test_plot_metrics_errors(tmp_path, capsys):
     tool = load_tool("plot_metrics")
     run = write_metrics(tmp_path / "run", {"loss_cls": 1.0}, 30.0)
     for argv, message in [
-        ([str(tmp_path / "nowhere")], "nowhere' does not exist"),
+        ([str(tmp_path / "nowhere")], "nowhere': it does not exist"),
         ([str(tmp_path)], f"Run folder '{tmp_path}' has no metrics.json"),
         ([str(run), str(run)], "Several runs are labelled run; name them with LABEL=PATH"),
     ]:
