@@ -77,12 +77,12 @@ from detection_models import (  # noqa: E402
     autocast,
     build_models,
     make_inputs,
-    non_local_block_names,
-    recorded_block_inputs,
 )
 from detectron2.utils.events import EventStorage  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
+
+from nl_detectron.layers import non_local_blocks, recorded_block_inputs  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # The NL blocks alone
@@ -101,7 +101,7 @@ def blocks_alone(runner: Runner, repeats: int) -> dict[str, Any]:
         runner.inference()
 
     def train() -> None:
-        for block, x in train_calls:
+        for _, block, x in train_calls:
             block.train()
             x = x.requires_grad_(True)
             with autocast(runner.device, runner.amp):
@@ -112,14 +112,14 @@ def blocks_alone(runner: Runner, repeats: int) -> dict[str, Any]:
 
     def inference() -> None:
         with torch.no_grad(), autocast(runner.device, runner.amp):
-            for block, x in test_calls:
+            for _, block, x in test_calls:
                 block.eval()
                 block(x)
 
     times = alternate({"train": train, "inference": inference}, repeats, runner.device)
     return {clock: medians(by_name) for clock, by_name in times.items()} | {
-        "train_calls": [list(x.shape) for _, x in train_calls],
-        "inference_calls": [list(x.shape) for _, x in test_calls],
+        "train_calls": [list(x.shape) for _, _, x in train_calls],
+        "inference_calls": [list(x.shape) for _, _, x in test_calls],
     }
 
 
@@ -231,7 +231,7 @@ def count_flops(runner: Runner) -> dict[str, Any]:
         total = flops.total()
         by_module = flops.by_module()
         unsupported = dict(flops.unsupported_ops())
-    blocks = non_local_block_names(runner.model)
+    blocks = [name for name, _ in non_local_blocks(runner.model)]
     # Both tracing wrappers hold the model as their "model" submodule.
     block_flops = sum(by_module.get(f"model.{name}", 0) for name in blocks)
     return {"flops": total, "nl_block_flops": block_flops, "unsupported_ops": unsupported}

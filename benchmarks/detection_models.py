@@ -24,7 +24,7 @@ ground-truth boxes, polygon masks and 17 visible keypoints each.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +38,7 @@ from detectron2.structures import Boxes, Instances, Keypoints, PolygonMasks
 from torch import Tensor, nn
 
 from nl_detectron.config import add_nonlocal_config
-from nl_detectron.layers import NonLocalBlock
+from nl_detectron.layers import non_local_blocks
 
 VARIANTS = ("baseline", "nl")
 NUM_GT = 5  # ground-truth instances per training image
@@ -125,7 +125,7 @@ def build_models(
         nl_cfg = build_cfg(spec, "nl", device, quick)
         nl = build_model(nl_cfg)
         result = nl.load_state_dict(baseline.state_dict(), strict=False)
-        blocks = non_local_block_names(nl)
+        blocks = [name for name, _ in non_local_blocks(nl)]
         stray = [k for k in result.missing_keys if not k.startswith(tuple(b + "." for b in blocks))]
         if result.unexpected_keys or stray or not blocks:
             raise RuntimeError(
@@ -163,11 +163,6 @@ def calibrate_frozen_batch_norms(model: nn.Module, inputs: list[dict[str, Any]])
     finally:
         for handle in handles:
             handle.remove()
-
-
-def non_local_block_names(model: nn.Module) -> list[str]:
-    """Qualified names of the model's ``NonLocalBlock`` modules."""
-    return [name for name, m in model.named_modules() if isinstance(m, NonLocalBlock)]
 
 
 def _polygon(box: Sequence[float], vertices: int = 16) -> np.ndarray:
@@ -267,21 +262,3 @@ class Runner:
         self.model.eval()
         with torch.no_grad(), autocast(self.device, self.amp):
             return self.model(self.test_inputs)
-
-
-@contextlib.contextmanager
-def recorded_block_inputs(model: nn.Module) -> Iterator[list[tuple[NonLocalBlock, Tensor]]]:
-    """Record ``(block, input)`` of every ``NonLocalBlock`` call while the context is open."""
-    calls: list[tuple[NonLocalBlock, Tensor]] = []
-    handles = [
-        m.register_forward_pre_hook(
-            lambda module, args: calls.append((module, args[0].detach().clone()))
-        )
-        for m in model.modules()
-        if isinstance(m, NonLocalBlock)
-    ]
-    try:
-        yield calls
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -57,10 +57,10 @@ from detection_models import (  # noqa: E402
     Runner,
     build_models,
     make_inputs,
-    non_local_block_names,
-    recorded_block_inputs,
 )
 from detectron2.utils.events import EventStorage  # noqa: E402
+
+from nl_detectron.layers import non_local_blocks, recorded_block_inputs  # noqa: E402
 
 INVESTIGATIONS = ("profile", "attention_split", "training_flops")
 
@@ -119,7 +119,7 @@ def attention_split_check(runner: Runner, repeats: int) -> None:
 
     with recorded_block_inputs(runner.model) as calls:
         runner.inference()
-    block, x = calls[0]
+    _, block, x = calls[0]
     batch, height, width = x.shape[0], x.shape[2], x.shape[3]
     n = height * width
     m = -(-height // 2) * -(-width // 2) if block.sub_sample else n
@@ -201,7 +201,7 @@ def count_training_flops(runner: Runner) -> dict[str, int]:
     counter = FlopCounterMode(display=False, depth=None, custom_mapping=mapping)
     with counter:
         runner.train_step()
-    blocks = set(non_local_block_names(runner.model))
+    blocks = set([name for name, _ in non_local_blocks(runner.model)])
     # keys: "Global" and "<root class>.<qualified module name>"
     block_flops = sum(
         sum(ops.values())

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..compat import CHECKPOINTER_TAKES_URL_QUERIES, reset_checkpointer_after_failed_load
 from ..errors import CheckpointError
-from ..layers import NonLocalBlock
+from ..layers import non_local_blocks
 
 __all__ = ["CheckpointError", "LoadReport", "NonLocalCheckpointer"]
 
@@ -388,7 +388,7 @@ def _make_report(
     model: nn.Module, incompatible: _IncompatibleKeys, path: str, source: str
 ) -> LoadReport:
     state = model.state_dict()
-    blocks = [name for name, m in model.named_modules() if isinstance(m, NonLocalBlock)]
+    blocks = [name for name, _ in non_local_blocks(model)]
     missing = set(incompatible.missing_keys)
     # A batch norm missing from the checkpoint gets its num_batches_tracked filled in silently.
     missing |= {

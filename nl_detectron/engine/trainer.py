@@ -23,7 +23,7 @@ from ..data.train_loader import ReseedEachIteration, ResumableTrainLoader, build
 from ..errors import UserInputError
 from ..evaluation import FastCOCOEvaluator
 from ..evaluation.metrics_file import main_metric_of
-from ..layers import NonLocalBlock
+from ..layers import non_local_blocks
 from .divergence import (
     TrainingDivergedError,
     diverged_message,
@@ -92,9 +92,7 @@ class Trainer(DefaultTrainer):
         factor = cfg.MODEL.NONLOCAL.LR_FACTOR if "NONLOCAL" in cfg.MODEL else 1.0
         if factor == 1.0:
             return optimizer
-        ids = {
-            id(p) for m in model.modules() if isinstance(m, NonLocalBlock) for p in m.parameters()
-        }
+        ids = {id(p) for _, block in non_local_blocks(model) for p in block.parameters()}
         groups, optimizer.param_groups = optimizer.param_groups, []
         for group in groups:
             non_local = [p for p in group["params"] if id(p) in ids]

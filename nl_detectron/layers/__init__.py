@@ -1,6 +1,7 @@
 """The non-local block and its parts (no Detectron2 model code; no config)."""
 
 from .export_mode import export_mode
+from .inspection import non_local_blocks, recorded_block_inputs
 from .non_local_block import NORMS, NonLocalBlock
 from .pairwise import (
     PAIRWISE_FUNCTIONS,
@@ -26,5 +27,7 @@ __all__ = [
     "PairwiseFunction",
     "SyncBatchNorm",
     "export_mode",
+    "non_local_blocks",
+    "recorded_block_inputs",
     "from_pytorchvideo",
 ]

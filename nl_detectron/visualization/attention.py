@@ -27,7 +27,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
 from ..errors import UserInputError
-from ..layers import NonLocalBlock
+from ..layers import NonLocalBlock, non_local_blocks, recorded_block_inputs
 from .figure import pixel_figure, save_png
 from .predictor import Predictor
 
@@ -117,11 +117,6 @@ class AttentionResult:
     queries: list[QueryPoint]
     maps: list[list[AttentionMap]]
     detections: Detections
-
-
-def non_local_blocks(model: nn.Module) -> list[tuple[str, NonLocalBlock]]:
-    """All ``NonLocalBlock`` modules of ``model`` with their qualified names, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, NonLocalBlock)]
 
 
 def validate_query(x: float, y: float, width: int, height: int) -> None:
@@ -267,14 +262,15 @@ class _Recorder:
     """Forward hooks that record block inputs, the padded input size and the RoI heads' output."""
 
     def __init__(self, model: nn.Module, blocks: Sequence[tuple[str, NonLocalBlock]]) -> None:
-        self.inputs: dict[str, Tensor] = {}
         self.padded_size: Optional[tuple[int, int]] = None
         # (K, 4) boxes in resized-image pixels and (K,) scores of the RoI heads' detections.
         self.roi_boxes: Optional[Tensor] = None
         self.roi_scores: Optional[Tensor] = None
-        self._handles = [
-            block.register_forward_pre_hook(self._block_hook(name)) for name, block in blocks
-        ]
+        wanted = {name for name, _ in blocks}
+        self._record = recorded_block_inputs(model)
+        self._calls = self._record.__enter__()
+        self._wanted = wanted
+        self._handles = []
         backbone = getattr(model, "backbone", None)
         if isinstance(backbone, nn.Module):
             self._handles.append(backbone.register_forward_pre_hook(self._backbone_hook))
@@ -282,11 +278,10 @@ class _Recorder:
         if isinstance(roi_heads, nn.Module):
             self._handles.append(roi_heads.register_forward_hook(self._roi_heads_hook))
 
-    def _block_hook(self, name: str):
-        def hook(module: nn.Module, args: tuple[Tensor, ...]) -> None:
-            self.inputs[name] = args[0].detach()
-
-        return hook
+    @property
+    def inputs(self) -> dict[str, Tensor]:
+        """The last input of each block recorded."""
+        return {name: x for name, _, x in self._calls if name in self._wanted}
 
     def _backbone_hook(self, module: nn.Module, args: tuple[Tensor, ...]) -> None:
         self.padded_size = (int(args[0].shape[-2]), int(args[0].shape[-1]))
@@ -303,6 +298,7 @@ class _Recorder:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+        self._record.__exit__(None, None, None)
 
 
 def _detections(
