@@ -9,6 +9,7 @@ Detectron2 (:func:`quiet_third_party_imports`) and the test suite (``tests/conft
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -16,6 +17,7 @@ from typing import NamedTuple
 from torch.jit import TracerWarning
 
 __all__ = [
+    "KNOWN_NOISY_LOGGERS",
     "KNOWN_THIRD_PARTY_WARNINGS",
     "KnownWarning",
     "ignore_known_third_party_warnings",
@@ -107,8 +109,22 @@ KNOWN_THIRD_PARTY_WARNINGS: tuple[KnownWarning, ...] = (
 )
 
 
+# Loggers of the stack that log known-harmless messages at WARNING: raised to ERROR by the tools.
+KNOWN_NOISY_LOGGERS = {
+    # "No CUDA runtime is found, using CUDA_HOME=...": logged on import when Detectron2 collects
+    # its environment information on a machine without a GPU.
+    "torch.utils.cpp_extension": "CUDA_HOME on a CPU-only machine",
+    # "is_fx_tracing will return true for both fx.symbolic_trace and torch.export": logged when
+    # torch.jit.trace runs modules that ask whether they are traced.
+    "torch.fx._symbolic_trace": "a notice about torch.fx.is_fx_tracing while exporting",
+}
+
+
 def ignore_known_third_party_warnings() -> None:
-    """Ignore the :data:`KNOWN_THIRD_PARTY_WARNINGS` from now on (for entry points)."""
+    """Ignore the :data:`KNOWN_THIRD_PARTY_WARNINGS` from now on, and raise the
+    :data:`KNOWN_NOISY_LOGGERS` to ERROR (for entry points)."""
+    for name in KNOWN_NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     for known in KNOWN_THIRD_PARTY_WARNINGS:
         warnings.filterwarnings(
             "ignore", message=known.message, category=known.category, module=known.module

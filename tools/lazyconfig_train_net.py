@@ -23,6 +23,7 @@ from detectron2.config import LazyConfig
 from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
+from hydra.errors import OverrideParseException
 
 from nl_detectron.engine.launch import backend_for_device, launch
 from nl_detectron.engine.lazy_trainer import lazy_evaluate, lazy_train
@@ -41,7 +42,7 @@ def load(args):
         ) from None
     try:
         return LazyConfig.apply_overrides(cfg, args.opts)
-    except (KeyError, ValueError, AttributeError) as e:
+    except (KeyError, ValueError, AttributeError, OverrideParseException) as e:
         raise UserInputError(
             f"In the overrides {args.opts}: {e}. Overrides are key=value, e.g. train.max_iter=100."
         ) from None

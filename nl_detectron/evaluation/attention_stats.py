@@ -1,0 +1,148 @@
+"""Where a detector's non-local blocks look on the context data (nl_detectron.data.context).
+
+For each object (disc) of a validation image and each image-level NL block, the block's
+normalised pairwise row for the query cell at the disc's centre is compared with the disc's cue:
+the band (``image`` variants) or the key tile with the disc's mark (``pair`` variants). Reported:
+
+- ``cue_mass``: the attention mass on the key cells that the cue overlaps, against
+  ``uniform_mass``, the mass a uniform map would put there (their area share);
+- ``entropy``: the row's entropy over the log of the number of keys (1: uniform);
+- ``query_dependence``: half the L1 distance between the rows of two discs of one image
+  (0: the same map for every query, as GCNet found for NL on COCO; 1: disjoint maps);
+- ``gate``: the mean absolute gamma of the norm after W_z (or of W_z without a norm), and
+  ``branch``: ``|block(x) - x| / |x|``, how much the block changes its input.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..data.context import IMAGE_SIZE, ensure_context_split
+from ..data.generated import GeneratedSplit
+from ..layers import NonLocalBlock, non_local_blocks, recorded_block_inputs
+
+__all__ = ["AttentionStats", "context_attention_stats", "cue_cells", "split_of"]
+
+_BAND_WIDTH, _KEY_SIZE = 12, 20  # as drawn by nl_detectron.data.context
+
+
+@dataclass(frozen=True)
+class AttentionStats:
+    """Means over the discs (and disc pairs) of the images measured; see the module docstring."""
+
+    block: str
+    cue_mass: float
+    uniform_mass: float
+    entropy: float
+    query_dependence: float
+    gate: float
+    branch: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def cue_cells(layout: dict, disc: dict, key_shape: tuple[int, int]) -> np.ndarray:
+    """``(h, w)`` boolean mask of the key cells a disc's cue overlaps (key cell size: the image
+    divided by the key grid)."""
+    h, w = key_shape
+    if "band" in layout:
+        side, b, s = layout["band"]["side"], _BAND_WIDTH, IMAGE_SIZE
+        x0, y0, x1, y1 = ((0, 0, s, b), (s - b, 0, s, s), (0, s - b, s, s), (0, 0, b, s))[side]
+    else:
+        key = next(k for k in layout["keys"] if k["mark"] == disc["mark"])
+        (cx, cy), half = key["center"], _KEY_SIZE / 2
+        x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
+    cell_w, cell_h = IMAGE_SIZE / w, IMAGE_SIZE / h
+    cols = np.arange(w)
+    rows = np.arange(h)
+    in_x = (cols * cell_w < x1) & ((cols + 1) * cell_w > x0)
+    in_y = (rows * cell_h < y1) & ((rows + 1) * cell_h > y0)
+    return in_y[:, None] & in_x[None, :]
+
+
+def _gate(block: NonLocalBlock) -> float:
+    weight = block.out_norm.weight if block.out_norm is not None else block.out_conv.weight
+    return float(weight.detach().abs().mean())
+
+
+def context_attention_stats(
+    model: nn.Module, split: GeneratedSplit, *, num_images: int = 40, root: str | None = None
+) -> list[AttentionStats]:
+    """:class:`AttentionStats` of every image-level (2D, backbone) NL block of ``model`` (in
+    eval mode, CPU) on the first ``num_images`` images of a context validation split."""
+    from detectron2.data import detection_utils
+
+    directory = ensure_context_split(split, root)
+    with open(directory / "layout.json", encoding="utf-8") as f:
+        layouts = json.load(f)[:num_images]
+    blocks = [(n, b) for n, b in non_local_blocks(model) if not n.startswith("roi_heads")]
+    sums: dict[str, dict[str, list[float]]] = {n: _empty() for n, _ in blocks}
+    model.eval()
+    for index, layout in enumerate(layouts):
+        path = Path(directory) / "images" / f"{index:05d}.png"
+        image = detection_utils.read_image(str(path), format="BGR")
+        tensor = torch.as_tensor(image.transpose(2, 0, 1).copy())
+        with torch.no_grad(), recorded_block_inputs(model) as calls:
+            model([{"image": tensor, "height": IMAGE_SIZE, "width": IMAGE_SIZE}])
+        inputs = {name: x for name, _, x in calls}
+        for name, block in blocks:
+            if name in inputs:
+                _measure(block, inputs[name], layout, sums[name])
+    return [
+        AttentionStats(
+            block=name,
+            cue_mass=_mean(sums[name]["cue"]),
+            uniform_mass=_mean(sums[name]["uniform"]),
+            entropy=_mean(sums[name]["entropy"]),
+            query_dependence=_mean(sums[name]["dependence"]),
+            gate=_gate(block),
+            branch=_mean(sums[name]["branch"]),
+        )
+        for name, block in blocks
+    ]
+
+
+def _empty() -> dict[str, list[float]]:
+    return {k: [] for k in ("cue", "uniform", "entropy", "dependence", "branch")}
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else math.nan
+
+
+def _measure(block: NonLocalBlock, x: torch.Tensor, layout: dict, sums: dict) -> None:
+    height, width = x.shape[2:]
+    stride = IMAGE_SIZE / width
+    discs = layout["discs"]
+    query = [int(d["center"][1] // stride) * width + int(d["center"][0] // stride) for d in discs]
+    with torch.no_grad():
+        rows, key_shape = block.affinity(x, torch.tensor(query))
+        out = block(x)
+    rows = rows[0].double()  # (Q, M), one image
+    m = rows.shape[1]
+    sums["branch"].append(float((out - x).norm() / x.norm().clamp_min(1e-12)))
+    p = rows.clamp_min(1e-12)
+    sums["entropy"] += (-(p * p.log()).sum(1) / math.log(m)).tolist()
+    for i, disc in enumerate(discs):
+        cells = torch.as_tensor(cue_cells(layout, disc, tuple(key_shape))).flatten()
+        sums["cue"].append(float(rows[i][cells].sum()))
+        sums["uniform"].append(float(cells.double().mean()))
+    for i in range(len(discs)):
+        for j in range(i + 1, len(discs)):
+            sums["dependence"].append(float(0.5 * (rows[i] - rows[j]).abs().sum()))
+
+
+def split_of(name: str) -> GeneratedSplit:
+    """The context split registered as ``name``."""
+    from ..data.context import CONTEXT_SPLITS
+
+    return next(s for s in CONTEXT_SPLITS if s.name == name)
