@@ -65,9 +65,15 @@ def add_nonlocal_config(cfg: CN) -> None:
     # (none; W_z is zero-initialised instead). "FrozenBN" is refused: it would keep the block an
     # identity forever.
     _C.MODEL.NONLOCAL.NORM = "BN"
-    # Std of the Gaussian init of the blocks' 1x1 convs. Released code: 0.01. 0: MSRA (He) init,
-    # the paper's (Sec. 4.1), whose scale does not depend on the channel widths.
+    # Init of the blocks' 1x1 convs: "normal" (std INIT_STD, the released code's), "msra" (the
+    # paper's words) or "fan_in" (std 1/sqrt(fan-in): unit-variance logits at any width).
+    _C.MODEL.NONLOCAL.INIT = "normal"
+    # Std of the "normal" init. Released code: 0.01.
     _C.MODEL.NONLOCAL.INIT_STD = 0.01
+    # Initial gamma of the norm after W_z. Paper: 0 (the block starts as an exact identity, as
+    # fine-tuning a pretrained detector needs). Small positive values give the pairwise function
+    # a gradient from the first step when training from scratch (docs/evidence.md).
+    _C.MODEL.NONLOCAL.GATE_INIT = 0.0
     # Learning rate of the NL blocks' parameters as a multiple of SOLVER.BASE_LR (the schedule
     # and warm-up apply as to the rest). Paper: 1 (not stated otherwise).
     _C.MODEL.NONLOCAL.LR_FACTOR = 1.0
@@ -76,7 +82,7 @@ def add_nonlocal_config(cfg: CN) -> None:
 def non_local_block_args(cfg: CN) -> dict[str, Any]:
     """``NonLocalBlock`` keyword arguments from ``MODEL.NONLOCAL`` (all but the channel counts):
     ``pairwise``, ``sub_sample``, ``pool_input``, ``ceil_mode``, ``scale``, ``norm`` and
-    ``init_std``. The inner width depends
+    ``init``, ``init_std``, ``gate_init``. The inner width depends
     on each block's channels and is given by ``MODEL.NONLOCAL.BOTTLENECK_RATIO``."""
     node = cfg.MODEL.NONLOCAL
     return {
@@ -87,7 +93,9 @@ def non_local_block_args(cfg: CN) -> dict[str, Any]:
         # None: the block's default, inner_channels ** -0.5 as in the released code.
         "scale": None if node.USE_SCALE else 1.0,
         "norm": node.NORM,
-        "init_std": node.INIT_STD if node.INIT_STD > 0 else None,
+        "init": node.INIT,
+        "init_std": node.INIT_STD,
+        "gate_init": node.GATE_INIT,
     }
 
 

@@ -29,6 +29,7 @@ from .tensor_ops import (
 __all__ = ["NORMS", "NonLocalBlock"]
 
 NORMS = ("BN", "SyncBN", "GN", "")
+_INITS = ("normal", "msra", "fan_in")
 _INPUT_LAYOUT = {1: "(N, C, L)", 2: "(N, C, H, W)", 3: "(N, C, T, H, W)"}
 
 
@@ -83,8 +84,18 @@ class NonLocalBlock(CNNBlockBase):
             Ignored by dot product and concatenation.
         norm: ``"BN"``, ``"SyncBN"``, ``"GN"`` (32 groups) or ``""``/None, after ``W_z``.
             ``"FrozenBN"`` is refused: with gamma 0 it would keep the block a no-op.
-        init_std: std of the Gaussian init of the 1x1 convs (released code: 0.01); None: MSRA
-            (He) init, the paper's (Sec. 4.1), whose scale does not depend on the widths.
+        init: the Gaussian init of the 1x1 convs: ``"normal"`` (std ``init_std``, the released
+            code's), ``"msra"`` (He, fan-out, the paper's words) or ``"fan_in"`` (std
+            ``C_in ** -0.5``: with the default scale, embedded-Gaussian logits of unit variance
+            at init whatever the widths, where the other two give near-uniform or near one-hot
+            attention on wide or narrow maps).
+        init_std: std of the ``"normal"`` init (released code: 0.01).
+        gate_init: initial gamma of the norm after W_z (without a norm: the std of W_z's
+            init). 0, the paper's (Sec. 4.1), makes the block an exact identity at
+            construction, as inserting it into a pretrained network needs; then neither theta nor
+            phi gets a gradient until gamma has moved, which nothing pairwise can make it do
+            (see docs/evidence.md). A small positive value (LayerScale-like) gives the pairwise
+            function a gradient from the first step, for training from scratch.
         inference_chunk_elements: the softmax forms in CPU inference compute the pairwise map in
             blocks of at most this many entries (default 2^24: 64 MB in float32).
 
@@ -108,7 +119,9 @@ class NonLocalBlock(CNNBlockBase):
         ceil_mode: bool = True,
         scale: Optional[float] = None,
         norm: Optional[str] = "BN",
-        init_std: Optional[float] = 0.01,
+        init: str = "normal",
+        init_std: float = 0.01,
+        gate_init: float = 0.0,
         inference_chunk_elements: int = 1 << 24,
     ) -> None:
         super().__init__(in_channels, in_channels, 1)
@@ -123,6 +136,10 @@ class NonLocalBlock(CNNBlockBase):
             )
         if scale is not None and scale <= 0:
             raise ValueError(f"NonLocalBlock scale must be positive or None; got scale={scale}.")
+        if init not in _INITS:
+            raise ValueError(f"Unknown init {init!r} for NonLocalBlock; valid ones are {_INITS}.")
+        if gate_init < 0:
+            raise ValueError(f"NonLocalBlock gate_init must be >= 0; got gate_init={gate_init}.")
         self.dim = dim
         self.pairwise = pairwise
         self.inner_channels = inner_channels
@@ -153,18 +170,20 @@ class NonLocalBlock(CNNBlockBase):
 
         for layer in (self.theta, self.phi, self.g, self.concat_project, self.out_conv):
             if layer is not None:
-                if init_std is None:
+                if init == "msra":
                     nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+                elif init == "fan_in":
+                    nn.init.normal_(layer.weight, std=layer.weight[0].numel() ** -0.5)
                 else:
                     nn.init.normal_(layer.weight, std=init_std)
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
-        # Zero-init last (Sec. 4.1): the block starts as an identity, so inserting it into a
+        # The gate last (Sec. 4.1): zero, the block starts as an identity, so inserting it into a
         # pretrained network keeps that network's behaviour.
         if self.out_norm is not None:
-            nn.init.zeros_(self.out_norm.weight)
+            nn.init.constant_(self.out_norm.weight, gate_init)
         else:
-            nn.init.zeros_(self.out_conv.weight)
+            nn.init.normal_(self.out_conv.weight, std=gate_init)  # std 0: zeros
             nn.init.zeros_(self.out_conv.bias)
 
     def extra_repr(self) -> str:
