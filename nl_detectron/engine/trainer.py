@@ -62,7 +62,7 @@ class Trainer(DefaultTrainer):
     checked and its loader resumes where the checkpoint was
     (:mod:`~nl_detectron.data.train_loader`), so with ``SEED >= 0`` a resumed run continues
     exactly as the uninterrupted one; CPU models train in several processes (gloo); a NaN / inf
-    loss stops the run with :class:`~nl_detectron.engine.divergence.TrainingDivergedError`.
+    loss stops the run with :class:`~nl_detectron.errors.TrainingDivergedError`.
 
     Everything else is detectron2's: logging with ETA (``CommonMetricPrinter``), ``metrics.json``
     and TensorBoard events in ``OUTPUT_DIR``.

@@ -181,8 +181,8 @@ def _training_batch(case: str) -> list[dict]:
 
 @pytest.fixture
 def report_log(caplog):
-    """The records of ``nl_detectron.checkpointer``, whether or not its logger propagates."""
-    log = logging.getLogger("nl_detectron.checkpointer")
+    """The records of ``nl_detectron.checkpoint``, whether or not its logger propagates."""
+    log = logging.getLogger("nl_detectron.checkpoint")
     saved = log.level, log.propagate
     log.addHandler(caplog.handler)
     log.setLevel(logging.INFO)

@@ -1,0 +1,81 @@
+"""The context datasets: deterministic COCO-format splits in which an object's category is set
+only by a cue at least MIN_CUE_DISTANCE px away (or, in the local controls, by its own outline)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data.datasets import load_coco_json
+
+from nl_detectron.data import CONTEXT_CLASSES, CONTEXT_SPLITS, CONTEXT_VARIANTS
+from nl_detectron.data.context import (
+    IMAGE_SIZE,
+    MIN_CUE_DISTANCE,
+    ensure_context_split,
+    generate_context_split,
+    render_context_image,
+)
+from nl_detectron.data.generated import GeneratedSplit
+
+
+def _digest(directory) -> str:
+    h = hashlib.sha256()
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("variant", CONTEXT_VARIANTS)
+def test_generation_is_deterministic_coco(variant, tmp_path):
+    split = GeneratedSplit(f"nl_context_{variant}_val", 4, 123)
+    generate_context_split(split, tmp_path / "a")
+    generate_context_split(split, tmp_path / "b")
+    assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
+    dicts = load_coco_json(str(tmp_path / "a" / "annotations.json"), str(tmp_path / "a" / "images"))
+    assert len(dicts) == 4 and all(d["annotations"] for d in dicts)
+    assert all(len(a["segmentation"][0]) == 64 for d in dicts for a in d["annotations"])
+
+
+def _band_distance(center, side):
+    x, y = center
+    return (y - 12, IMAGE_SIZE - 12 - x, IMAGE_SIZE - 12 - y, x - 12)[side]
+
+
+@pytest.mark.parametrize("variant", CONTEXT_VARIANTS)
+def test_the_cue_is_far_and_decides_the_category(variant):
+    rng = np.random.default_rng(0)
+    agree = []
+    for _ in range(60):
+        _, layout = render_context_image(rng, variant)
+        discs = layout["discs"]
+        if variant.startswith("image"):
+            side = layout["band"]["side"]
+            assert all(_band_distance(d["center"], side) >= MIN_CUE_DISTANCE for d in discs)
+            agree += [d["category"] == layout["band"]["color"] for d in discs]
+        else:
+            assert len(discs) == 2 and discs[0]["category"] != discs[1]["category"]
+            for disc in discs:
+                (key,) = [k for k in layout["keys"] if k["mark"] == disc["mark"]]
+                for other in discs:  # every key is far from both discs
+                    assert math.dist(key["center"], other["center"]) >= MIN_CUE_DISTANCE
+                agree.append(disc["category"] == key["color"])
+    if variant.endswith("local"):  # the distant cue carries nothing: about 1 in 3 by chance
+        assert 0.15 < np.mean(agree) < 0.55
+    else:  # the distant cue is the category
+        assert all(agree)
+
+
+def test_splits_are_registered_and_generated_on_first_use(tmp_path):
+    names = {s.name for s in CONTEXT_SPLITS}
+    assert {f"nl_context_{v}_{p}" for v in CONTEXT_VARIANTS for p in ("train", "val")} == names
+    assert names <= set(DatasetCatalog.list())
+    assert MetadataCatalog.get("nl_context_pair_val").thing_classes == list(CONTEXT_CLASSES)
+    split = GeneratedSplit("nl_context_pair_val", 2, 6001)
+    directory = ensure_context_split(split, tmp_path)
+    assert (directory / "layout.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == [directory.name]  # no temporary left
