@@ -20,7 +20,7 @@ LAYERS = {
     "config": 2,
     "data": 3,
     "modeling": 3,
-    "evaluation": 3,
+    "evaluation": 4,
     "checkpoint": 4,
     "engine": 5,
     "visualization": 5,
