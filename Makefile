@@ -18,7 +18,7 @@ PYTEST_ARGS ?=
 MAIN_VENV ?= .venv-main
 MAIN_SOURCE := $(or $(DETECTRON2_SOURCE),$(wildcard ../shared/third_party/detectron2-02b5c4e.tar.gz))
 
-.PHONY: env test test-fast test-main demo-main main-source lint format demo benchmark clean \
+.PHONY: env test test-fast test-main demo-main main-source lint format demo evidence benchmark clean \
 	distclean FORCE
 
 env: $(READY)
@@ -68,6 +68,11 @@ demo: $(READY)
 	$(PY) tools/train_net.py --config-file configs/quickstart/mask_rcnn_nl_shapes.yaml \
 		OUTPUT_DIR $(DEMO_OUTPUT)
 	$(PY) tools/demo_figures.py $(DEMO_OUTPUT) --output $(DEMO_OUTPUT)
+
+# Baseline and NL trained on every variant of the context data, 2 seeds: box / mask AP, NL gains,
+# attention statistics and maps in output/evidence (docs/evidence.md). About 16 runs of 5-10 min.
+evidence: $(READY)
+	$(PY) benchmarks/benchmark_context.py --output output/evidence
 
 benchmark: $(READY)
 	$(PY) benchmarks/benchmark_non_local_block.py

@@ -36,9 +36,12 @@ from .generated import (
 )
 
 __all__ = [
+    "BAND_WIDTH",
     "CONTEXT_CLASSES",
     "CONTEXT_SPLITS",
     "CONTEXT_VARIANTS",
+    "IMAGE_SIZE",
+    "KEY_SIZE",
     "MIN_CUE_DISTANCE",
     "context_split_dir",
     "ensure_context_split",
@@ -56,8 +59,8 @@ _COLORS = np.array([[220, 40, 40], [40, 190, 40], [50, 90, 235]], dtype=np.float
 IMAGE_SIZE = 192  # square images, pixels
 MIN_CUE_DISTANCE = 80.0  # from a disc's centre to its cue (band edge, key tile centre), pixels
 _RADIUS_RANGE = (8.0, 13.0)
-_BAND_WIDTH = 12
-_KEY_SIZE = 20
+BAND_WIDTH = 12  # the image-level cue: a band along one border, pixels
+KEY_SIZE = 20  # the pairwise cue: a square key tile, pixels
 _MARKS = ("hbar", "vbar", "ring")
 _DISC_GREY = 205.0
 _OUTLINE = 40.0
@@ -103,8 +106,8 @@ def _free_point(
 def _band_distance(x: float, y: float, side: int) -> float:
     """Distance from (x, y) to the inner edge of the band on ``side`` (0 top, 1 right, 2 bottom,
     3 left)."""
-    inner = (y - _BAND_WIDTH, IMAGE_SIZE - _BAND_WIDTH - x, IMAGE_SIZE - _BAND_WIDTH - y)
-    inner += (x - _BAND_WIDTH,)
+    inner = (y - BAND_WIDTH, IMAGE_SIZE - BAND_WIDTH - x, IMAGE_SIZE - BAND_WIDTH - y)
+    inner += (x - BAND_WIDTH,)
     return inner[side]
 
 
@@ -127,12 +130,12 @@ def _layout(rng: np.random.Generator, variant: str) -> dict | None:
         keys = []
         key_away = [(d["center"][0], d["center"][1], MIN_CUE_DISTANCE) for d in discs]
         for disc in discs:
-            point = _free_point(rng, _KEY_SIZE / 2 + 2, key_away)
+            point = _free_point(rng, KEY_SIZE / 2 + 2, key_away)
             if point is None:
                 return None
             color = int(rng.integers(3)) if local else disc["category"]
             keys.append({"center": point, "mark": disc["mark"], "color": color})
-            key_away.append((*point, _KEY_SIZE * 1.5))
+            key_away.append((*point, KEY_SIZE * 1.5))
         return {"discs": discs, "keys": keys}
     side = int(rng.integers(4))
     category = int(rng.integers(3))
@@ -183,13 +186,13 @@ def _render(rng: np.random.Generator, layout: dict, variant: str) -> np.ndarray:
     s = IMAGE_SIZE
     if "band" in layout:
         color = tuple(int(c) for c in _COLORS[layout["band"]["color"]])
-        b = _BAND_WIDTH
+        b = BAND_WIDTH
         side = layout["band"]["side"]
         rect = ([0, 0, s, b], [s - b, 0, s, s], [0, s - b, s, s], [0, 0, b, s])[side]
         draw.rectangle(rect, fill=color)
     for key in layout.get("keys", []):
         cx, cy = key["center"]
-        h = _KEY_SIZE / 2
+        h = KEY_SIZE / 2
         draw.rectangle(
             [cx - h, cy - h, cx + h, cy + h], fill=tuple(int(c) for c in _COLORS[key["color"]])
         )

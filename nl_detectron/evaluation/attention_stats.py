@@ -25,13 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.context import IMAGE_SIZE, ensure_context_split
+from ..data.context import BAND_WIDTH, IMAGE_SIZE, KEY_SIZE, ensure_context_split
 from ..data.generated import GeneratedSplit
 from ..layers import NonLocalBlock, non_local_blocks, recorded_block_inputs
 
 __all__ = ["AttentionStats", "context_attention_stats", "cue_cells", "split_of"]
-
-_BAND_WIDTH, _KEY_SIZE = 12, 20  # as drawn by nl_detectron.data.context
 
 
 @dataclass(frozen=True)
@@ -55,11 +53,11 @@ def cue_cells(layout: dict, disc: dict, key_shape: tuple[int, int]) -> np.ndarra
     divided by the key grid)."""
     h, w = key_shape
     if "band" in layout:
-        side, b, s = layout["band"]["side"], _BAND_WIDTH, IMAGE_SIZE
+        side, b, s = layout["band"]["side"], BAND_WIDTH, IMAGE_SIZE
         x0, y0, x1, y1 = ((0, 0, s, b), (s - b, 0, s, s), (0, s - b, s, s), (0, 0, b, s))[side]
     else:
         key = next(k for k in layout["keys"] if k["mark"] == disc["mark"])
-        (cx, cy), half = key["center"], _KEY_SIZE / 2
+        (cx, cy), half = key["center"], KEY_SIZE / 2
         x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
     cell_w, cell_h = IMAGE_SIZE / w, IMAGE_SIZE / h
     cols = np.arange(w)

@@ -6,6 +6,7 @@ No timing is asserted: the figures of a quick run mean nothing.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -76,3 +77,19 @@ def test_profile_investigation_quick_size() -> None:
     (flops,) = table_rows(out, "mask_rcnn | quick")
     cells = flops.split("|")
     assert float(cells[4]) > float(cells[3]) > 0  # the NL model does more arithmetic
+
+
+@pytest.mark.slow
+def test_context_quick(tmp_path: Path) -> None:
+    out = run_script("benchmark_context.py", "--variants", "pair", "--seeds", "0",
+                     "--output", str(tmp_path))  # fmt: skip
+    for model in ("baseline", "nl"):
+        assert re.search(rf"^pair +{model} +seed 0: box AP [\d.]+, mask AP [\d.]+", out, re.M), out
+    (row,) = table_rows(out, "pair")
+    assert len(row.split("|")) == 10, row  # variant, two APs, gain and four attention columns
+    assert (tmp_path / "attention_pair.png").stat().st_size > 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    (stats,) = results["variants"]["pair"]["attention"]
+    assert 0 < stats["uniform_mass"] < 0.5  # the key tile's share of the map
+    for key in ("cue_mass", "entropy", "query_dependence"):
+        assert 0 <= stats[key] <= 1 + 1e-6, stats  # NaN fails too
