@@ -10,7 +10,8 @@ models (mass on the cue, entropy, query dependence) and attention maps.
 
 Runs go to ``OUTPUT/<variant>/<model>_seed<k>``; a finished run (``model_final.pth`` and an
 evaluation in ``metrics.json``) is reused, so the script can be resumed. Results:
-``OUTPUT/results.json`` and ``OUTPUT/attention_<variant>.png``.
+``OUTPUT/results.json`` (variants of earlier calls into OUTPUT kept) and
+``OUTPUT/attention_<variant>.png``.
 """
 
 from __future__ import annotations
@@ -109,6 +110,14 @@ def draw(directory: Path, variant: str, path: Path) -> None:
     draw_attention_maps(result, path, panel_size=256)
 
 
+def _aps(entry: dict) -> str:
+    """Mean box / mask AP, and the box AP of each seed when there are several."""
+    text = f"{entry['bbox']:.1f} / {entry['segm']:.1f}"
+    if len(entry["per_seed"]) > 1:
+        text += " (box " + ", ".join(f"{a['bbox']:.1f}" for a in entry["per_seed"]) + ")"
+    return text
+
+
 def table(results: dict) -> str:
     lines = [
         "| variant | baseline box / mask AP | NL box / mask AP | NL - baseline (box) | "
@@ -120,8 +129,7 @@ def table(results: dict) -> str:
         stats = entry.get("attention") or [{}]
         s = stats[0]
         lines.append(
-            f"| {variant} | {base['bbox']:.1f} / {base['segm']:.1f} | {nl['bbox']:.1f} / "
-            f"{nl['segm']:.1f} | {nl['bbox'] - base['bbox']:+.1f} | "
+            f"| {variant} | {_aps(base)} | {_aps(nl)} | {nl['bbox'] - base['bbox']:+.1f} | "
             f"{s.get('cue_mass', float('nan')):.3f} ({s.get('uniform_mass', float('nan')):.3f}) | "
             f"{s.get('entropy', float('nan')):.2f} | {s.get('query_dependence', float('nan')):.2f} "
             f"| {s.get('gate', float('nan')):.3f} |"
@@ -164,6 +172,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="20 iterations: a smoke run")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, both models")
     args = parser.parse_args()
+    from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
+
+    ignore_known_third_party_warnings()
     extra = list(args.opts)
     if args.quick:
         extra += ["SOLVER.MAX_ITER", "20", "SOLVER.STEPS", "(15, 18)", "SOLVER.WARMUP_ITERS", "5"]
@@ -174,7 +185,11 @@ def main() -> None:
         f"# Context benchmark: {cpu_name()}, load {load_average()}, revision {git_revision()}",
         flush=True,
     )
-    results = {"revision": git_revision(), "variants": {}}
+    # Variants measured by an earlier call into the same output are kept beside these (the
+    # local controls can be run with other seeds than the distant-cue variants).
+    results_path = args.output / "results.json"
+    results = json.loads(results_path.read_text()) if results_path.is_file() else {"variants": {}}
+    results["revision"] = git_revision()
     for variant in args.variants:
         entry: dict = {}
         for model, config in CONFIGS.items():
@@ -193,7 +208,7 @@ def main() -> None:
         if variant in LOCAL_CONTROL:
             draw(first, variant, args.output / f"attention_{variant}.png")
         results["variants"][variant] = entry
-    (args.output / "results.json").write_text(json.dumps(results, indent=2))
+        results_path.write_text(json.dumps(results, indent=2))
     print(table(results))
     for line in targets(results):
         print(line)

@@ -11,7 +11,11 @@ difference is followed through the box head:
 - ``first layer``: the same after the box head's first layer (a conv head: before and after its
   norm; an FC head: after fc1);
 - ``head``: after the whole box head, and ``class``: the mean total-variation change of the class
-  probabilities.
+  probabilities;
+- ``accuracy``: how often the model's top category on a ground-truth disc (of the three) is right,
+  and ``absent_mass``: its probability on categories whose colour is nowhere in the image (what
+  a summary of the image can rule out; 1/3 or 2/3 at chance, 0 for a model that reads the
+  summary).
 
     python benchmarks/investigate_context_roi_features.py RUN_DIR [RUN_DIR ...] --variant image
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from pathlib import Path
 
@@ -57,14 +62,27 @@ def _constant_share(delta: torch.Tensor) -> float:
     return float(mean.norm() / delta.norm().clamp_min(1e-12))
 
 
+def _layouts(split_dir: Path) -> list[dict]:
+    return json.loads((split_dir / "layout.json").read_text())
+
+
+def _present_colors(layout: dict) -> set[int]:
+    """Categories whose colour the image shows: the band's, or the key tiles'."""
+    if "band" in layout:
+        return {layout["band"]["color"]}
+    return {key["color"] for key in layout["keys"]}
+
+
 def measure(run_dir: Path, variant: str, num_images: int) -> dict[str, float]:
     from detectron2.data import DatasetCatalog, detection_utils
     from detectron2.structures import Boxes, BoxMode
 
     from nl_detectron.checkpoint import NonLocalCheckpointer
     from nl_detectron.config import load_config
+    from nl_detectron.data.context import CONTEXT_SPLITS, ensure_context_split
     from nl_detectron.engine import Trainer
 
+    split = f"nl_context_{variant}_val"
     cfg = load_config(str(run_dir / "config.yaml"))
     model = Trainer.build_model(cfg).eval()
     NonLocalCheckpointer(model).load(str(run_dir / "model_final.pth"))
@@ -73,12 +91,14 @@ def measure(run_dir: Path, variant: str, num_images: int) -> dict[str, float]:
     first_index = next(i for i, m in enumerate(layers) if isinstance(m, (nn.Conv2d, nn.Linear)))
     first = layers[first_index]
     first_end = first_index + (1 if isinstance(first, nn.Linear) else 0)  # after the fc's ReLU
+    split_dir = ensure_context_split(next(x for x in CONTEXT_SPLITS if x.name == split))
+    layouts = {i + 1: layout for i, layout in enumerate(_layouts(split_dir))}
     sums: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:
         sums.setdefault(key, []).append(value)
 
-    for record in DatasetCatalog.get(f"nl_context_{variant}_val")[:num_images]:
+    for record in DatasetCatalog.get(split)[:num_images]:
         image = detection_utils.read_image(record["file_name"], format="BGR")
         inputs = [{"image": torch.as_tensor(image.transpose(2, 0, 1).copy())}]
         boxes = Boxes(torch.tensor([
@@ -114,6 +134,15 @@ def measure(run_dir: Path, variant: str, num_images: int) -> dict[str, float]:
             p_on = heads.box_predictor(head_on)[0].softmax(-1)
             p_off = heads.box_predictor(head_off)[0].softmax(-1)
             add("class", float(0.5 * (p_on - p_off).abs().sum(-1).mean()))
+            # The category read on the ground-truth box, among the three; and the mass on the
+            # categories whose colour is nowhere in the image (a summary of the image rules
+            # them out, only the cue tells the present ones apart).
+            scores = p_on[:, :3] / p_on[:, :3].sum(1, keepdim=True)
+            truth = torch.tensor([a["category_id"] for a in record["annotations"]])
+            add("accuracy", float((scores.argmax(1) == truth).float().mean()))
+            present = _present_colors(layouts[record["image_id"]])
+            absent = [c for c in range(3) if c not in present]
+            add("absent_mass", float(scores[:, absent].sum(1).mean()) if absent else 0.0)
     return {k: sum(v) / len(v) for k, v in sums.items()}
 
 
@@ -127,7 +156,7 @@ def main() -> None:
 
     ignore_known_third_party_warnings()
     keys = ("pooled", "pooled_constant", "first_before_norm", "first_before_norm_constant",
-            "first_layer", "head", "class")  # fmt: skip
+            "first_layer", "head", "class", "accuracy", "absent_mass")  # fmt: skip
     print("| run | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for run_dir in args.run_dirs:
