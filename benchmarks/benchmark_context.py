@@ -11,7 +11,7 @@ models (mass on the cue, entropy, query dependence) and attention maps.
 Runs go to ``OUTPUT/<variant>/<model>_seed<k>``; a finished run (``model_final.pth`` and an
 evaluation in ``metrics.json``) is reused, so the script can be resumed. Results:
 ``OUTPUT/results.json`` (variants of earlier calls into OUTPUT kept) and
-``OUTPUT/attention_<variant>.png``.
+``OUTPUT/attention_<variant>_<k>.png`` (the first validation images).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ CONFIGS = {
     "baseline": REPO / "configs" / "context" / "mask_rcnn_baseline_context.yaml",
     "nl": REPO / "configs" / "context" / "mask_rcnn_nl_context.yaml",
 }
+ATTENTION_IMAGES = 3  # validation images drawn with the NL model's attention, per variant
 # What each distant-cue variant is compared with: the same geometry, the cue on the object.
 LOCAL_CONTROL = {"image": "image_local", "pair": "pair_local"}
 
@@ -86,8 +87,8 @@ def attention(directory: Path, variant: str, num_images: int) -> list[dict]:
     return [s.as_dict() for s in context_attention_stats(model, split, num_images=num_images)]
 
 
-def draw(directory: Path, variant: str, path: Path) -> None:
-    """Attention maps of the NL model's blocks on the first validation image, one query per
+def draw(directory: Path, variant: str, path: Path, index: int = 0) -> None:
+    """Attention maps of the NL model's blocks on validation image ``index``, one query per
     object (disc centre)."""
     from nl_detectron.data.context import CONTEXT_SPLITS, ensure_context_split
     from nl_detectron.visualization import (
@@ -100,11 +101,11 @@ def draw(directory: Path, variant: str, path: Path) -> None:
 
     split = next(s for s in CONTEXT_SPLITS if s.name == f"nl_context_{variant}_val")
     split_dir = ensure_context_split(split)
-    layout = json.loads((split_dir / "layout.json").read_text())[0]
+    layout = json.loads((split_dir / "layout.json").read_text())[index]
     cfg = inference_config(
         str(directory / "config.yaml"), weights=str(directory / "model_final.pth")
     )
-    image = read_rgb_image(str(split_dir / "images" / "00000.png"))
+    image = read_rgb_image(str(split_dir / "images" / f"{index:05d}.png"))
     points = [tuple(d["center"]) for d in layout["discs"]]
     result = compute_attention_maps(Predictor(cfg, source=str(directory)), image, points)
     draw_attention_maps(result, path, panel_size=256)
@@ -138,11 +139,13 @@ def table(results: dict) -> str:
 
 
 def targets(results: dict) -> list[str]:
-    """The issue's targets, measured: NL closes half the gap to the local control on both
+    """The targets, measured: NL closes half the gap to the local control on both
     distant-cue variants, and loses at most 1 AP on the local controls."""
     v = results["variants"]
     out = []
     for distant, local in LOCAL_CONTROL.items():
+        if distant in v and local not in v:
+            out.append(f"{distant}: target not measured: {local} (its local control) not run")
         if distant in v and local in v:
             base, nl, ctl = (
                 v[distant]["baseline"]["bbox"],
@@ -170,6 +173,11 @@ def main() -> None:
     parser.add_argument("--output", default="output/evidence", type=Path)
     parser.add_argument("--attention-images", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="20 iterations: a smoke run")
+    parser.add_argument(
+        "--report",
+        action="store_true",
+        help="print the table of OUTPUT/results.json, train nothing",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE overrides, both models")
     args = parser.parse_args()
     from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
@@ -189,6 +197,10 @@ def main() -> None:
     # local controls can be run with other seeds than the distant-cue variants).
     results_path = args.output / "results.json"
     results = json.loads(results_path.read_text()) if results_path.is_file() else {"variants": {}}
+    if args.report:
+        print(table(results))
+        print("\n".join(targets(results)))
+        return
     results["revision"] = git_revision()
     for variant in args.variants:
         entry: dict = {}
@@ -206,7 +218,8 @@ def main() -> None:
         first = run_dir(args.output, variant, "nl", args.seeds[0])
         entry["attention"] = attention(first, variant, args.attention_images)
         if variant in LOCAL_CONTROL:
-            draw(first, variant, args.output / f"attention_{variant}.png")
+            for index in range(ATTENTION_IMAGES):
+                draw(first, variant, args.output / f"attention_{variant}_{index}.png", index)
         results["variants"][variant] = entry
         results_path.write_text(json.dumps(results, indent=2))
     print(table(results))

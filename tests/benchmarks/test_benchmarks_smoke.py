@@ -87,7 +87,7 @@ def test_context_quick(tmp_path: Path) -> None:
         assert re.search(rf"^pair +{model} +seed 0: box AP [\d.]+, mask AP [\d.]+", out, re.M), out
     (row,) = table_rows(out, "pair")
     assert len(row.split("|")) == 10, row  # variant, two APs, gain and four attention columns
-    assert (tmp_path / "attention_pair.png").stat().st_size > 0
+    assert all((tmp_path / f"attention_pair_{k}.png").stat().st_size > 0 for k in range(3))
     results = json.loads((tmp_path / "results.json").read_text())
     (stats,) = results["variants"]["pair"]["attention"]
     assert 0 < stats["uniform_mass"] < 0.5  # the key tile's share of the map
