@@ -90,7 +90,8 @@ def attention(directory: Path, variant: str, num_images: int) -> list[dict]:
 def draw(directory: Path, variant: str, path: Path, index: int = 0) -> None:
     """Attention maps of the NL model's blocks on validation image ``index``, one query per
     object (disc centre)."""
-    from nl_detectron.data.context import CONTEXT_SPLITS, ensure_context_split
+    from nl_detectron.data.context import ensure_context_split
+    from nl_detectron.evaluation.attention_stats import split_of
     from nl_detectron.visualization import (
         Predictor,
         compute_attention_maps,
@@ -99,7 +100,7 @@ def draw(directory: Path, variant: str, path: Path, index: int = 0) -> None:
         read_rgb_image,
     )
 
-    split = next(s for s in CONTEXT_SPLITS if s.name == f"nl_context_{variant}_val")
+    split = split_of(f"nl_context_{variant}_val")
     split_dir = ensure_context_split(split)
     layout = json.loads((split_dir / "layout.json").read_text())[index]
     cfg = inference_config(

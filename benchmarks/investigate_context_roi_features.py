@@ -79,8 +79,9 @@ def measure(run_dir: Path, variant: str, num_images: int) -> dict[str, float]:
 
     from nl_detectron.checkpoint import NonLocalCheckpointer
     from nl_detectron.config import load_config
-    from nl_detectron.data.context import CONTEXT_SPLITS, ensure_context_split
+    from nl_detectron.data.context import ensure_context_split
     from nl_detectron.engine import Trainer
+    from nl_detectron.evaluation.attention_stats import split_of
 
     split = f"nl_context_{variant}_val"
     cfg = load_config(str(run_dir / "config.yaml"))
@@ -91,7 +92,7 @@ def measure(run_dir: Path, variant: str, num_images: int) -> dict[str, float]:
     first_index = next(i for i, m in enumerate(layers) if isinstance(m, (nn.Conv2d, nn.Linear)))
     first = layers[first_index]
     first_end = first_index + (1 if isinstance(first, nn.Linear) else 0)  # after the fc's ReLU
-    split_dir = ensure_context_split(next(x for x in CONTEXT_SPLITS if x.name == split))
+    split_dir = ensure_context_split(split_of(split))
     layouts = {i + 1: layout for i, layout in enumerate(_layouts(split_dir))}
     sums: dict[str, list[float]] = {}
 
