@@ -35,6 +35,7 @@ CONFIGS = {
     "nl": REPO / "configs" / "context" / "mask_rcnn_nl_context.yaml",
 }
 ATTENTION_IMAGES = 3  # validation images drawn with the NL model's attention, per variant
+REACH_IMAGES = 20  # validation images on which the baseline's receptive field is measured
 # What each distant-cue variant is compared with: the same geometry, the cue on the object.
 LOCAL_CONTROL = {"image": "image_local", "pair": "pair_local"}
 
@@ -85,6 +86,43 @@ def attention(directory: Path, variant: str, num_images: int) -> list[dict]:
     NonLocalCheckpointer(model).load(str(directory / "model_final.pth"))
     split = split_of(f"nl_context_{variant}_val")
     return [s.as_dict() for s in context_attention_stats(model, split, num_images=num_images)]
+
+
+def baseline_reach(directory: Path, variant: str, num_images: int) -> dict[str, float]:
+    """How far (Chebyshev, px) the trained baseline's category scores read from each disc of the
+    first validation images, for a box of twice the disc's size, and how many cue pixels they
+    read (0: the cue is beyond the baseline's receptive field)."""
+    import numpy as np
+    import torch
+
+    from nl_detectron.checkpoint import NonLocalCheckpointer
+    from nl_detectron.config import load_config
+    from nl_detectron.data.context import MIN_CUE_DISTANCE, cue_mask, ensure_context_split
+    from nl_detectron.engine import Trainer
+    from nl_detectron.evaluation.attention_stats import split_of
+    from nl_detectron.evaluation.receptive_field import chebyshev_reach, pixels_reaching_scores
+    from nl_detectron.visualization import read_rgb_image
+
+    cfg = load_config(str(directory / "config.yaml"))
+    model = Trainer.build_model(cfg)
+    NonLocalCheckpointer(model).load(str(directory / "model_final.pth"))
+    split_dir = ensure_context_split(split_of(f"nl_context_{variant}_val"))
+    layouts = json.loads((split_dir / "layout.json").read_text())[:num_images]
+    reach, reached = 0.0, 0
+    for index, layout in enumerate(layouts):
+        rgb = read_rgb_image(str(split_dir / "images" / f"{index:05d}.png"))
+        image = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1])).permute(2, 0, 1).float()
+        boxes = torch.tensor(
+            [[x - 2 * d["radius"], y - 2 * d["radius"], x + 2 * d["radius"], y + 2 * d["radius"]]
+             for d in layout["discs"] for x, y in [d["center"]]]
+        )  # fmt: skip
+        masks = pixels_reaching_scores(model, image, boxes)
+        cue = torch.from_numpy(cue_mask(layout))
+        reached += int((masks & cue).sum())
+        reach = max(
+            [reach] + [chebyshev_reach(m, d["center"]) for m, d in zip(masks, layout["discs"])]
+        )
+    return {"reach": reach, "cue_pixels_reached": reached, "cue_distance": MIN_CUE_DISTANCE}
 
 
 def draw(directory: Path, variant: str, path: Path, index: int = 0) -> None:
@@ -159,6 +197,14 @@ def targets(results: dict) -> list[str]:
                 f"{distant}: NL - baseline {nl - base:+.1f} vs half the gap to {local} "
                 f"{half:.1f}: {'met' if ok else 'NOT met'}"
             )
+    for variant, entry in v.items():
+        if "baseline_reach" in entry:
+            r = entry["baseline_reach"]
+            out.append(
+                f"{variant}: the baseline's category scores read {r['reach']:.0f} px from a disc, "
+                f"its cue is {r['cue_distance']:.0f} px away: {r['cue_pixels_reached']} cue pixels "
+                "reached"
+            )
     for local in LOCAL_CONTROL.values():
         if local in v:
             delta = v[local]["nl"]["bbox"] - v[local]["baseline"]["bbox"]
@@ -218,6 +264,9 @@ def main() -> None:
             entry[model]["per_seed"] = aps
         first = run_dir(args.output, variant, "nl", args.seeds[0])
         entry["attention"] = attention(first, variant, args.attention_images)
+        entry["baseline_reach"] = baseline_reach(
+            run_dir(args.output, variant, "baseline", args.seeds[0]), variant, REACH_IMAGES
+        )
         if variant in LOCAL_CONTROL:
             for index in range(ATTENTION_IMAGES):
                 draw(first, variant, args.output / f"attention_{variant}_{index}.png", index)

@@ -6,6 +6,9 @@ the band (``image`` variants) or the key tile with the disc's mark (``pair`` var
 
 - ``cue_mass``: the attention mass on the key cells that the cue overlaps, against
   ``uniform_mass``, the mass a uniform map would put there (their area share);
+- ``decoy_mass`` (``pair`` variants): the mass on the other discs' key tiles. Matching a disc to
+  its own key is ``cue_mass`` well above ``decoy_mass``; a summary of all keys (both colours)
+  puts as much on each;
 - ``entropy``: the row's entropy over the log of the number of keys (1: uniform);
 - ``query_dependence``: half the L1 distance between the rows of two discs of one image
   (0: the same map for every query, as GCNet found for NL on COCO; 1: disjoint maps);
@@ -25,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data.context import BAND_WIDTH, IMAGE_SIZE, KEY_SIZE, ensure_context_split
+from ..data.context import IMAGE_SIZE, cue_box, ensure_context_split
 from ..data.generated import GeneratedSplit
 from ..layers import NonLocalBlock, non_local_blocks, recorded_block_inputs
 
@@ -39,6 +42,7 @@ class AttentionStats:
     block: str
     cue_mass: float
     uniform_mass: float
+    decoy_mass: float
     entropy: float
     query_dependence: float
     gate: float
@@ -52,13 +56,7 @@ def cue_cells(layout: dict, disc: dict, key_shape: tuple[int, int]) -> np.ndarra
     """``(h, w)`` boolean mask of the key cells a disc's cue overlaps (key cell size: the image
     divided by the key grid)."""
     h, w = key_shape
-    if "band" in layout:
-        side, b, s = layout["band"]["side"], BAND_WIDTH, IMAGE_SIZE
-        x0, y0, x1, y1 = ((0, 0, s, b), (s - b, 0, s, s), (0, s - b, s, s), (0, 0, b, s))[side]
-    else:
-        key = next(k for k in layout["keys"] if k["mark"] == disc["mark"])
-        (cx, cy), half = key["center"], KEY_SIZE / 2
-        x0, y0, x1, y1 = cx - half, cy - half, cx + half, cy + half
+    x0, y0, x1, y1 = cue_box(layout, disc)
     cell_w, cell_h = IMAGE_SIZE / w, IMAGE_SIZE / h
     cols = np.arange(w)
     rows = np.arange(h)
@@ -100,6 +98,7 @@ def context_attention_stats(
             block=name,
             cue_mass=_mean(sums[name]["cue"]),
             uniform_mass=_mean(sums[name]["uniform"]),
+            decoy_mass=_mean(sums[name]["decoy"]),
             entropy=_mean(sums[name]["entropy"]),
             query_dependence=_mean(sums[name]["dependence"]),
             gate=_gate(block),
@@ -110,7 +109,7 @@ def context_attention_stats(
 
 
 def _empty() -> dict[str, list[float]]:
-    return {k: [] for k in ("cue", "uniform", "entropy", "dependence", "branch")}
+    return {k: [] for k in ("cue", "uniform", "decoy", "entropy", "dependence", "branch")}
 
 
 def _mean(values: list[float]) -> float:
@@ -134,6 +133,10 @@ def _measure(block: NonLocalBlock, x: torch.Tensor, layout: dict, sums: dict) ->
         cells = torch.as_tensor(cue_cells(layout, disc, tuple(key_shape))).flatten()
         sums["cue"].append(float(rows[i][cells].sum()))
         sums["uniform"].append(float(cells.double().mean()))
+        if "keys" in layout:
+            decoys = [cue_cells(layout, d, tuple(key_shape)) for d in discs if d is not disc]
+            decoy = torch.as_tensor(np.any(decoys, axis=0)).flatten() & ~cells
+            sums["decoy"].append(float(rows[i][decoy].sum()))
     for i in range(len(discs)):
         for j in range(i + 1, len(discs)):
             sums["dependence"].append(float(0.5 * (rows[i] - rows[j]).abs().sum()))

@@ -14,13 +14,14 @@ only new keys.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
-from detectron2.modeling import BACKBONE_REGISTRY, FPN, ResNet, build_resnet_backbone
+from detectron2.modeling import BACKBONE_REGISTRY, FPN, Backbone, ResNet, build_resnet_backbone
 from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
@@ -268,17 +269,30 @@ class NonLocalFPN(FPN):
         return features
 
 
+def _coarsest_level_max_pool(bottom_up: Backbone, in_features: Sequence[str]) -> LastLevelMaxPool:
+    """Detectron2's extra FPN level (``p6`` from ``p5``), pooled from the coarsest FPN level
+    whatever it is: ``build_resnet_fpn_backbone`` always pools from ``p5``, so a ResNet cut
+    before res5 (``RESNETS.OUT_FEATURES: [res2, res3]``, a bounded receptive field) fails there
+    with "'p5' is not in list". With res5 in, it is the same module."""
+    strides = bottom_up.output_shape()
+    coarsest = max(in_features, key=lambda name: strides[name].stride)
+    top_block = LastLevelMaxPool()
+    top_block.in_feature = f"p{int(math.log2(strides[coarsest].stride))}"
+    return top_block
+
+
 @BACKBONE_REGISTRY.register()
 def build_non_local_resnet_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """``build_resnet_fpn_backbone`` on top of :func:`build_non_local_resnet_backbone`, with NL
     blocks on the FPN levels of ``MODEL.NONLOCAL.FPN_POSITIONS`` (none by default: then
     Detectron2's own ``FPN``, scriptable as it is)."""
+    bottom_up = build_non_local_resnet_backbone(cfg, input_shape)
     fpn_args = {
-        "bottom_up": build_non_local_resnet_backbone(cfg, input_shape),
+        "bottom_up": bottom_up,
         "in_features": cfg.MODEL.FPN.IN_FEATURES,
         "out_channels": cfg.MODEL.FPN.OUT_CHANNELS,
         "norm": cfg.MODEL.FPN.NORM,
-        "top_block": LastLevelMaxPool(),
+        "top_block": _coarsest_level_max_pool(bottom_up, cfg.MODEL.FPN.IN_FEATURES),
         "fuse_type": cfg.MODEL.FPN.FUSE_TYPE,
     }
     levels = list(cfg.MODEL.NONLOCAL.FPN_POSITIONS)

@@ -1,10 +1,10 @@
 """The context datasets: deterministic COCO-format splits in which an object's category is set
-only by a cue at least MIN_CUE_DISTANCE px away (or, in the local controls, by its own outline)."""
+only by a cue at least MIN_CUE_DISTANCE px away, Chebyshev, from the disc's centre to the cue's
+nearest pixel (or, in the local controls, by its own outline)."""
 
 from __future__ import annotations
 
 import hashlib
-import math
 
 import numpy as np
 import pytest
@@ -14,6 +14,7 @@ from detectron2.data.datasets import load_coco_json
 from nl_detectron.data import CONTEXT_CLASSES, CONTEXT_SPLITS, CONTEXT_VARIANTS
 from nl_detectron.data.context import (
     IMAGE_SIZE,
+    KEY_SIZE,
     MIN_CUE_DISTANCE,
     ensure_context_split,
     generate_context_split,
@@ -61,8 +62,10 @@ def test_the_cue_is_far_and_decides_the_category(variant):
             assert len(discs) == 2 and discs[0]["category"] != discs[1]["category"]
             for disc in discs:
                 (key,) = [k for k in layout["keys"] if k["mark"] == disc["mark"]]
-                for other in discs:  # every key is far from both discs
-                    assert math.dist(key["center"], other["center"]) >= MIN_CUE_DISTANCE
+                for other in discs:  # every key pixel is far from both discs
+                    (kx, ky), (ox, oy) = key["center"], other["center"]
+                    gap = max(abs(kx - ox), abs(ky - oy)) - KEY_SIZE / 2
+                    assert gap >= MIN_CUE_DISTANCE
                 agree.append(disc["category"] == key["color"])
     if variant.endswith("local"):  # the distant cue carries nothing: about 1 in 3 by chance
         assert 0.15 < np.mean(agree) < 0.55

@@ -50,6 +50,8 @@ def test_a_fresh_block_is_an_identity_with_a_uniform_map(tmp_path, variant):
     assert stats.entropy > 0.99
     assert stats.cue_mass == pytest.approx(stats.uniform_mass, abs=0.02)
     assert 0 < stats.uniform_mass < 0.5
+    if variant == "pair":  # a uniform map: as much on the other disc's key as on its own
+        assert stats.decoy_mass == pytest.approx(stats.cue_mass, abs=0.02)
     assert stats.query_dependence < 0.05
 
 
@@ -72,5 +74,6 @@ def test_a_map_on_each_disc_s_cue_gives_all_its_mass_to_the_cue(tmp_path, monkey
     monkeypatch.setattr(block, "affinity", looks_at_the_cue)
     (stats,) = context_attention_stats(model, split, num_images=3, root=tmp_path)
     assert stats.cue_mass == pytest.approx(1.0)
+    assert stats.decoy_mass == 0.0  # nothing on the other disc's key
     assert stats.query_dependence == pytest.approx(1.0)  # the two discs' keys are apart
     assert stats.entropy < 0.5
