@@ -70,7 +70,7 @@ demo: $(READY)
 	$(PY) tools/demo_figures.py $(DEMO_OUTPUT) --output $(DEMO_OUTPUT)
 
 # Baseline and NL trained on every variant of the context data, 2 seeds: box / mask AP, NL gains,
-# attention statistics and maps in output/evidence (docs/evidence.md). About 16 runs of 5-10 min.
+# attention statistics and maps in output/evidence (docs/evidence.md). About 16 runs of 6-7 min.
 evidence: $(READY)
 	$(PY) benchmarks/benchmark_context.py --output output/evidence
 

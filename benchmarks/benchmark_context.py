@@ -161,8 +161,8 @@ def _aps(entry: dict) -> str:
 def table(results: dict) -> str:
     lines = [
         "| variant | baseline box / mask AP | NL box / mask AP | NL - baseline (box) | "
-        "cue mass (uniform) | entropy | query dependence | gate |",
-        "|---|---|---|---|---|---|---|---|",
+        "cue mass (uniform) | decoy mass | entropy | query dependence | gate |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, entry in results["variants"].items():
         base, nl = entry["baseline"], entry["nl"]
@@ -171,6 +171,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| {variant} | {_aps(base)} | {_aps(nl)} | {nl['bbox'] - base['bbox']:+.1f} | "
             f"{s.get('cue_mass', float('nan')):.3f} ({s.get('uniform_mass', float('nan')):.3f}) | "
+            f"{s.get('decoy_mass', float('nan')):.3f} | "
             f"{s.get('entropy', float('nan')):.2f} | {s.get('query_dependence', float('nan')):.2f} "
             f"| {s.get('gate', float('nan')):.3f} |"
         )

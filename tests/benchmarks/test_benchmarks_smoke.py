@@ -86,10 +86,24 @@ def test_context_quick(tmp_path: Path) -> None:
     for model in ("baseline", "nl"):
         assert re.search(rf"^pair +{model} +seed 0: box AP [\d.]+, mask AP [\d.]+", out, re.M), out
     (row,) = table_rows(out, "pair")
-    assert len(row.split("|")) == 10, row  # variant, two APs, gain and four attention columns
+    assert len(row.split("|")) == 11, row  # variant, two APs, gain and five attention columns
     assert all((tmp_path / f"attention_pair_{k}.png").stat().st_size > 0 for k in range(3))
     results = json.loads((tmp_path / "results.json").read_text())
     (stats,) = results["variants"]["pair"]["attention"]
     assert 0 < stats["uniform_mass"] < 0.5  # the key tile's share of the map
-    for key in ("cue_mass", "entropy", "query_dependence"):
+    # The cue is beyond what the (trained) baseline's category scores read.
+    reach = re.search(r"^pair: the baseline's category scores read (\d+) px from a disc, its cue "
+                      r"is 96 px away: 0 cue pixels reached$", out, re.M)  # fmt: skip
+    assert reach and 0 < int(reach.group(1)) < 96, out
+    for key in ("cue_mass", "decoy_mass", "entropy", "query_dependence"):
         assert 0 <= stats[key] <= 1 + 1e-6, stats  # NaN fails too
+    # The investigations run on the runs the benchmark trained.
+    nl_run = str(tmp_path / "pair" / "nl_seed0")
+    out = run_script("investigate_context_marks.py", nl_run, "--num-images", "10", quick=False)
+    (row,) = table_rows(out, "nl_seed0")
+    assert all(0 <= float(cell) <= 1 for cell in row.strip("| ").split(" | ")[1:]), row
+    out = run_script("investigate_context_roi_features.py", nl_run, "--variant", "pair",
+                     "--num-images", "5", quick=False)  # fmt: skip
+    (row,) = table_rows(out, "nl_seed0")
+    accuracy = float(row.strip("| ").split(" | ")[8])
+    assert 0 <= accuracy <= 1, row
