@@ -125,9 +125,9 @@ def baseline_reach(directory: Path, variant: str, num_images: int) -> dict[str, 
     return {"reach": reach, "cue_pixels_reached": reached, "cue_distance": MIN_CUE_DISTANCE}
 
 
-def draw(directory: Path, variant: str, path: Path, index: int = 0) -> None:
-    """Attention maps of the NL model's blocks on validation image ``index``, one query per
-    object (disc centre)."""
+def draw(directory: Path, variant: str, output: Path, num_images: int) -> None:
+    """Attention maps of the NL model's blocks on the first ``num_images`` validation images,
+    one query per object (disc centre): ``output/attention_<variant>_<k>.png``."""
     from nl_detectron.data.context import ensure_context_split
     from nl_detectron.evaluation.attention_stats import split_of
     from nl_detectron.visualization import (
@@ -138,16 +138,22 @@ def draw(directory: Path, variant: str, path: Path, index: int = 0) -> None:
         read_rgb_image,
     )
 
-    split = split_of(f"nl_context_{variant}_val")
-    split_dir = ensure_context_split(split)
-    layout = json.loads((split_dir / "layout.json").read_text())[index]
+    split_dir = ensure_context_split(split_of(f"nl_context_{variant}_val"))
+    layouts = json.loads((split_dir / "layout.json").read_text())
     cfg = inference_config(
         str(directory / "config.yaml"), weights=str(directory / "model_final.pth")
     )
-    image = read_rgb_image(str(split_dir / "images" / f"{index:05d}.png"))
-    points = [tuple(d["center"]) for d in layout["discs"]]
-    result = compute_attention_maps(Predictor(cfg, source=str(directory)), image, points)
-    draw_attention_maps(result, path, panel_size=256)
+    predictor = Predictor(cfg, source=str(directory))
+    for index in range(num_images):
+        image = read_rgb_image(str(split_dir / "images" / f"{index:05d}.png"))
+        points = [tuple(d["center"]) for d in layouts[index]["discs"]]
+        result = compute_attention_maps(predictor, image, points)
+        draw_attention_maps(result, output / f"attention_{variant}_{index}.png", panel_size=256)
+
+
+def _cell(value: float | None) -> str:
+    """A statistic to 3 decimals; "-" where it does not apply (missing or NaN)."""
+    return "-" if value is None or value != value else f"{value:.3f}"
 
 
 def _aps(entry: dict) -> str:
@@ -171,7 +177,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| {variant} | {_aps(base)} | {_aps(nl)} | {nl['bbox'] - base['bbox']:+.1f} | "
             f"{s.get('cue_mass', float('nan')):.3f} ({s.get('uniform_mass', float('nan')):.3f}) | "
-            f"{s.get('decoy_mass', float('nan')):.3f} | "
+            f"{_cell(s.get('decoy_mass'))} | "
             f"{s.get('entropy', float('nan')):.2f} | {s.get('query_dependence', float('nan')):.2f} "
             f"| {s.get('gate', float('nan')):.3f} |"
         )
@@ -269,8 +275,7 @@ def main() -> None:
             run_dir(args.output, variant, "baseline", args.seeds[0]), variant, REACH_IMAGES
         )
         if variant in LOCAL_CONTROL:
-            for index in range(ATTENTION_IMAGES):
-                draw(first, variant, args.output / f"attention_{variant}_{index}.png", index)
+            draw(first, variant, args.output, ATTENTION_IMAGES)
         results["variants"][variant] = entry
         results_path.write_text(json.dumps(results, indent=2))
     print(table(results))

@@ -86,8 +86,13 @@ def test_nl_config_is_its_baseline_but_for_the_non_local_settings(path):
     nl, baseline = _flat(_load(path)), _flat(_load(baseline_path))
     differ = {k for k in nl if nl[k] != baseline[k] and not k.startswith("MODEL.NONLOCAL.")}
     assert differ <= NL_KEYS | {"OUTPUT_DIR"}
-    assert nl["MODEL.BACKBONE.NAME"] != baseline["MODEL.BACKBONE.NAME"] or (
-        nl["MODEL.ROI_KEYPOINT_HEAD.NAME"] != baseline["MODEL.ROI_KEYPOINT_HEAD.NAME"]
+    # The NL config builds blocks where its baseline builds none: another backbone or keypoint
+    # head, or the same non-local builder with positions where the baseline has none.
+    positions = ("MODEL.NONLOCAL.BACKBONE_POSITIONS", "MODEL.NONLOCAL.FPN_POSITIONS")
+    assert (
+        nl["MODEL.BACKBONE.NAME"] != baseline["MODEL.BACKBONE.NAME"]
+        or nl["MODEL.ROI_KEYPOINT_HEAD.NAME"] != baseline["MODEL.ROI_KEYPOINT_HEAD.NAME"]
+        or (any(nl[k] for k in positions) and not any(baseline[k] for k in positions))
     )
 
 

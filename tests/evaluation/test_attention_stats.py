@@ -31,10 +31,10 @@ def test_cue_cells_of_a_band_and_of_a_key():
     assert sorted(zip(*np.nonzero(cells))) == [(3, 5), (3, 6), (4, 5), (4, 6)]
 
 
-def _model_and_split(tmp_path, variant: str):
+def _model_and_split(tmp_path, variant: str, init: str = "normal"):
     from nl_detectron.config import load_config
 
-    cfg = load_config(str(NL_CONFIG), ["MODEL.DEVICE", "cpu"])
+    cfg = load_config(str(NL_CONFIG), ["MODEL.DEVICE", "cpu", "MODEL.NONLOCAL.INIT", init])
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)
     split = GeneratedSplit(f"nl_context_{variant}_val", 3, 77)
@@ -42,8 +42,17 @@ def _model_and_split(tmp_path, variant: str):
     return model, split
 
 
+def test_a_fresh_fan_in_block_is_an_identity_with_a_peaked_map(tmp_path):
+    # The context config's init: unit-variance affinities, the gate still closed.
+    model, split = _model_and_split(tmp_path, "pair", init="fan_in")
+    (stats,) = context_attention_stats(model, split, num_images=3, root=tmp_path)
+    assert stats.gate == 0.0 and stats.branch == 0.0
+    assert stats.entropy < 0.97
+
+
 @pytest.mark.parametrize("variant", ["image", "pair"])
 def test_a_fresh_block_is_an_identity_with_a_uniform_map(tmp_path, variant):
+    # The released init (std 0.01): affinities near 0, a near-uniform map.
     model, split = _model_and_split(tmp_path, variant)
     (stats,) = context_attention_stats(model, split, num_images=3, root=tmp_path)
     assert stats.gate == 0.0 and stats.branch == 0.0
