@@ -113,6 +113,21 @@ def _free_point(
     return None
 
 
+def _far_point(
+    rng: np.random.Generator,
+    margin: float,
+    keep_away: list[tuple[float, float, float]],
+    far_from_cue,
+) -> tuple[float, float] | None:
+    """:func:`_free_point`, drawn again (up to 50 times) until ``far_from_cue(point)``; None if
+    no such point was found."""
+    for _attempt in range(50):
+        point = _free_point(rng, margin, keep_away)
+        if point is not None and far_from_cue(point):
+            return point
+    return None
+
+
 def key_distance(point: tuple[float, float], key_center: tuple[float, float]) -> float:
     """Chebyshev distance from ``point`` to the nearest pixel of the key tile at ``key_center``."""
     far = max(abs(point[0] - key_center[0]), abs(point[1] - key_center[1]))
@@ -167,15 +182,13 @@ def _layout(rng: np.random.Generator, variant: str) -> dict | None:
             keep_away.append((*point, 2 * _RADIUS_RANGE[1] + 6))
         keys: list[dict] = []
         for disc in discs:
-            for _attempt in range(50):
-                point = _free_point(
-                    rng, KEY_SIZE / 2 + 2, [(*k["center"], KEY_SIZE * 1.5) for k in keys]
-                )
-                if point is not None and all(
-                    key_distance(d["center"], point) >= MIN_CUE_DISTANCE for d in discs
-                ):
-                    break
-            else:
+            point = _far_point(
+                rng,
+                KEY_SIZE / 2 + 2,
+                [(*k["center"], KEY_SIZE * 1.5) for k in keys],
+                lambda p: all(key_distance(d["center"], p) >= MIN_CUE_DISTANCE for d in discs),
+            )
+            if point is None:
                 return None
             color = int(rng.integers(3)) if local else disc["category"]
             keys.append({"center": point, "mark": disc["mark"], "color": color})
@@ -185,11 +198,10 @@ def _layout(rng: np.random.Generator, variant: str) -> dict | None:
     band_color = int(rng.integers(3)) if local else category
     for _ in range(int(rng.integers(2, 4))):
         r = float(rng.uniform(*_RADIUS_RANGE))
-        for _attempt in range(50):
-            point = _free_point(rng, r + 3, keep_away)
-            if point is not None and _band_distance(*point, side) >= MIN_CUE_DISTANCE:
-                break
-        else:
+        point = _far_point(
+            rng, r + 3, keep_away, lambda p: _band_distance(*p, side) >= MIN_CUE_DISTANCE
+        )
+        if point is None:
             return None
         disc_category = int(rng.integers(3)) if local else category
         discs.append({"center": point, "radius": r, "category": disc_category, "mark": None})
