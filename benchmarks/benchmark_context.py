@@ -92,16 +92,19 @@ def baseline_reach(directory: Path, variant: str, num_images: int) -> dict[str, 
     """How far (Chebyshev, px) the trained baseline's category scores read from each disc of the
     first validation images, for a box of twice the disc's size, and how many cue pixels they
     read (0: the cue is beyond the baseline's receptive field)."""
-    import numpy as np
     import torch
+    from detectron2.data import detection_utils
 
     from nl_detectron.checkpoint import NonLocalCheckpointer
     from nl_detectron.config import load_config
     from nl_detectron.data.context import MIN_CUE_DISTANCE, cue_mask, ensure_context_split
     from nl_detectron.engine import Trainer
     from nl_detectron.evaluation.attention_stats import split_of
-    from nl_detectron.evaluation.receptive_field import chebyshev_reach, pixels_reaching_scores
-    from nl_detectron.visualization import read_rgb_image
+    from nl_detectron.evaluation.receptive_field import (
+        chebyshev_reach,
+        pixels_reaching_scores,
+        square_boxes,
+    )
 
     cfg = load_config(str(directory / "config.yaml"))
     model = Trainer.build_model(cfg)
@@ -110,18 +113,14 @@ def baseline_reach(directory: Path, variant: str, num_images: int) -> dict[str, 
     layouts = json.loads((split_dir / "layout.json").read_text())[:num_images]
     reach, reached = 0.0, 0
     for index, layout in enumerate(layouts):
-        rgb = read_rgb_image(str(split_dir / "images" / f"{index:05d}.png"))
-        image = torch.from_numpy(np.ascontiguousarray(rgb[:, :, ::-1])).permute(2, 0, 1).float()
-        boxes = torch.tensor(
-            [[x - 2 * d["radius"], y - 2 * d["radius"], x + 2 * d["radius"], y + 2 * d["radius"]]
-             for d in layout["discs"] for x, y in [d["center"]]]
-        )  # fmt: skip
+        bgr = detection_utils.read_image(str(split_dir / "images" / f"{index:05d}.png"), "BGR")
+        image = torch.as_tensor(bgr.transpose(2, 0, 1).copy()).float()
+        discs = layout["discs"]
+        boxes = square_boxes([d["center"] for d in discs], [2 * d["radius"] for d in discs])
         masks = pixels_reaching_scores(model, image, boxes)
         cue = torch.from_numpy(cue_mask(layout))
         reached += int((masks & cue).sum())
-        reach = max(
-            [reach] + [chebyshev_reach(m, d["center"]) for m, d in zip(masks, layout["discs"])]
-        )
+        reach = max([reach] + [chebyshev_reach(m, d["center"]) for m, d in zip(masks, discs)])
     return {"reach": reach, "cue_pixels_reached": reached, "cue_distance": MIN_CUE_DISTANCE}
 
 

@@ -15,7 +15,7 @@ import torch
 from detectron2.structures import Boxes
 from torch import nn
 
-__all__ = ["chebyshev_reach", "class_score_reach", "pixels_reaching_scores"]
+__all__ = ["chebyshev_reach", "class_score_reach", "pixels_reaching_scores", "square_boxes"]
 
 
 def pixels_reaching_scores(
@@ -63,6 +63,14 @@ def chebyshev_reach(reach: torch.Tensor, center: tuple[float, float]) -> float:
     return float(torch.maximum(dx, dy).max())
 
 
+def square_boxes(centers: list[tuple[float, float]], half_sizes: list[float]) -> torch.Tensor:
+    """``(N, 4)`` XYXY boxes: the square of half side ``half_sizes[i]`` around ``centers[i]``."""
+    return torch.tensor(
+        [[x - h, y - h, x + h, y + h] for (x, y), h in zip(centers, half_sizes)],
+        dtype=torch.float32,
+    )
+
+
 def class_score_reach(
     model: nn.Module,
     image: torch.Tensor,
@@ -72,9 +80,5 @@ def class_score_reach(
     """For each object centre, how far (Chebyshev, px) from it the category scores of the
     square box of half side ``half_sizes[i]`` around it read the image:
     :func:`pixels_reaching_scores` summarised by :func:`chebyshev_reach`."""
-    boxes = torch.tensor(
-        [[x - h, y - h, x + h, y + h] for (x, y), h in zip(centers, half_sizes)],
-        dtype=torch.float32,
-    )
-    masks = pixels_reaching_scores(model, image, boxes)
+    masks = pixels_reaching_scores(model, image, square_boxes(centers, half_sizes))
     return [chebyshev_reach(mask, center) for mask, center in zip(masks, centers)]

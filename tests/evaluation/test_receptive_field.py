@@ -17,6 +17,7 @@ from nl_detectron.evaluation.receptive_field import (
     chebyshev_reach,
     class_score_reach,
     pixels_reaching_scores,
+    square_boxes,
 )
 from nl_detectron.layers import non_local_blocks
 
@@ -48,14 +49,7 @@ def test_the_baseline_cannot_see_any_cue(variant):
     for _ in range(3):
         pixels, layout = render_context_image(rng, variant)
         discs = layout["discs"]
-        boxes = torch.tensor(
-            [
-                [x - BOX_SLACK * d["radius"], y - BOX_SLACK * d["radius"]]
-                + [x + BOX_SLACK * d["radius"], y + BOX_SLACK * d["radius"]]
-                for d in discs
-                for x, y in [d["center"]]
-            ]
-        )
+        boxes = square_boxes([d["center"] for d in discs], [BOX_SLACK * d["radius"] for d in discs])
         masks = pixels_reaching_scores(model, _image(pixels), boxes)
         cue = torch.from_numpy(cue_mask(layout))
         for mask, disc in zip(masks, discs):
