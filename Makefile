@@ -7,6 +7,9 @@ SYSTEM_SITE_PACKAGES ?= 0
 # A Detectron2 source tree or tarball (e.g. a clone of its main branch): build the official
 # Detectron2 from it, with its C++ extension, instead of the registry v0.6 build.
 DETECTRON2_SOURCE ?=
+# 0: build DETECTRON2_SOURCE as it is, without the compatibility fixes that an older source needs
+# on the pinned stack (by default they are applied where it needs them; README, "Support matrix").
+DETECTRON2_SOURCE_FIXES ?= 1
 PY := $(VENV)/bin/python
 READY := $(VENV)/.ready
 # What the environment's Detectron2 was built from; a change rebuilds the environment.
@@ -24,14 +27,16 @@ MAIN_SOURCE := $(or $(DETECTRON2_SOURCE),$(wildcard ../shared/third_party/detect
 env: $(READY)
 
 $(READY): $(ENV_INPUTS)
-	@DETECTRON2_SOURCE="$(DETECTRON2_SOURCE)" \
+	@DETECTRON2_SOURCE="$(DETECTRON2_SOURCE)" DETECTRON2_SOURCE_FIXES="$(DETECTRON2_SOURCE_FIXES)" \
 		tools/setup_env.sh "$(PYTHON)" "$(VENV)" "$(SYSTEM_SITE_PACKAGES)"
 
-# Rewritten only when DETECTRON2_SOURCE is given and differs from what the environment was built
-# from, so that only then the environment is rebuilt (without it, the environment keeps its own).
+# Rewritten only when DETECTRON2_SOURCE is given and it (or DETECTRON2_SOURCE_FIXES) differs from
+# what the environment was built from, so that only then the environment is rebuilt (without it,
+# the environment keeps its own).
+SOURCE_SPEC := $(DETECTRON2_SOURCE) fixes=$(DETECTRON2_SOURCE_FIXES)
 $(SOURCE_STAMP): FORCE
 	@if [ -n "$(DETECTRON2_SOURCE)" ]; then \
-		echo "$(DETECTRON2_SOURCE)" | cmp -s - $@ 2>/dev/null || echo "$(DETECTRON2_SOURCE)" > $@; \
+		echo "$(SOURCE_SPEC)" | cmp -s - $@ 2>/dev/null || echo "$(SOURCE_SPEC)" > $@; \
 	elif [ ! -e $@ ]; then touch $@; fi
 
 lint: $(READY)

@@ -12,10 +12,14 @@
 
 3. With ``--source PATH`` (``DETECTRON2_SOURCE``), the official Detectron2 is built from that
    source tree or ``git archive`` tarball (e.g. a clone of its main branch), with its C++/CUDA
-   extension, by its own ``setup.py``: replacing any Detectron2 installed before.
+   extension, by its own ``setup.py``: replacing any Detectron2 installed before. A source older
+   than the pinned stack (the v0.6 tag, main before mid-2023) gets the registry build's fixes for
+   what the stack removed, each only where the source and the environment need it
+   (``SOURCE_FIXES``); ``--no-source-fixes`` (``DETECTRON2_SOURCE_FIXES=0``) builds it as it is.
 
-Any failure (download, hash mismatch, patch not applying, build, import check) stops with a
-one-paragraph error and exit status 1, and leaves no half-installed Detectron2 behind.
+Any failure (download, hash mismatch, patch not applying, build, import check) stops with an
+error and exit status 1, and leaves no half-installed Detectron2 behind. An import that fails is
+reported with the module, the exception and its last frames, and the fix where it is known.
 
 Offline: set ``DETECTRON2_SDIST=/path/to/pb1-detectron2-0.6.tar.gz`` (the same file, same hash).
 """
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -32,6 +37,7 @@ import sys
 import tarfile
 import tempfile
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 SDIST_NAME = "pb1-detectron2"
@@ -185,6 +191,143 @@ NUMPY_ALIAS = re.compile(r"\bnp\.(int|float|str|bool|object)\b(?![\w.])")
 NUMPY_ALIAS_WHY = "NumPy >= 1.24 removed np.int/np.float/np.str/np.bool aliases of builtins."
 
 
+# ---------------------------------------------------------------------------------------------
+# Compatibility fixes for official sources older than the pinned stack (``--source``): the
+# registry build's fixes for what the stack removed. (Its fixes for the missing extension, the _C
+# stand-in, the COCOeval fallback and nms_rotated, do not apply to a compiled build; pkg_resources
+# is kept by the pinned setuptools, because official main needs it too.) A fix is applied only
+# where the environment lacks what the source uses (``lacking``) *and* the source uses it
+# (``pattern``): a source that does not need it is built byte for byte as it is.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SourceFix:
+    name: str
+    # Python expression run in the target environment (PIL.Image, numpy and importlib.util
+    # imported): the names the installed stack lacks; empty: the fix is not needed there.
+    lacking: str
+    # Regex for a use of them in the source, ``{names}`` standing for the lacking names joined
+    # with "|", in the files under detectron2/ that ``files`` (a glob) matches.
+    pattern: str
+    replacement: str
+    files: str
+    why: str
+    # Regex for the exception that importing the unfixed source raises, to name the fix.
+    symptom: str
+    # What made the fix unnecessary upstream: a source at or after it does not match `pattern`.
+    upstream: str
+    # A way out for a user who builds the source as it is (None: none with the pinned stack).
+    pin: str | None = None
+
+
+_EXPORT_GUARD = (
+    "try:  # the caffe2 exporter: caffe2 is not part of PyTorch 2\n"
+    "    from caffe2.proto import caffe2_pb2 as _caffe2_pb2  # noqa: F401\n"
+    "except ImportError:\n"
+    "    pass\n"
+    "else:\n"
+    "    from .api import *\n"
+)
+
+SOURCE_FIXES: tuple[SourceFix, ...] = (
+    SourceFix(
+        name="Pillow Image.LINEAR",
+        lacking="[n for n in ('LINEAR',) if not hasattr(PIL.Image, n)]",
+        pattern=r"\bImage\.(?:{names})\b",
+        replacement="Image.BILINEAR",
+        files="**/*.py",
+        why="Pillow >= 10 removed the alias Image.LINEAR (the same filter as Image.BILINEAR); "
+        "ExtentTransform uses it as a default argument, so `import detectron2.data` fails.",
+        symptom=r"module 'PIL\.Image' has no attribute 'LINEAR'",
+        upstream="ff53992b (2023-07-06)",
+        pin="pin an older Pillow (pillow<10 in requirements/constraints.txt)",
+    ),
+    SourceFix(
+        name="NumPy aliases",
+        lacking="[n for n in ('int', 'float', 'str', 'bool', 'object') if not hasattr(numpy, n)]",
+        pattern=r"\bnp\.({names})\b(?![\w.])",
+        replacement=r"\1",
+        files="**/*.py",
+        why="NumPy >= 1.24 removed the aliases np.int/np.float/np.str/np.object (and np.bool "
+        "until NumPy 2); each was exactly the Python builtin, which replaces it.",
+        symptom=r"module 'numpy' has no attribute '(int|float|str|bool|object)'",
+        upstream="facebookresearch/detectron2#4975 (landed after b2948fb, 2023-06-09)",
+    ),
+    SourceFix(
+        name="caffe2 exporter import",
+        lacking="[] if importlib.util.find_spec('caffe2') else ['caffe2']",
+        pattern=r"(?m)^from \.api import \*\n",
+        replacement=_EXPORT_GUARD,
+        files="export/__init__.py",
+        why="detectron2.export imports the caffe2 exporter unguarded at its top, and caffe2 is "
+        "gone from PyTorch 2: guard it as later Detectron2 does, so TorchScript/ONNX export "
+        "import.",
+        symptom=r"No module named 'caffe2'",
+        upstream="a guard added upstream between v0.6 and b2948fb (2023-06-09)",
+    ),
+)
+# Part of a build's identity: a change to SOURCE_FIXES rebuilds an environment built before it.
+SOURCE_FIXES_REVISION = 1
+
+
+@dataclass(frozen=True)
+class PlannedFix:
+    fix: SourceFix
+    names: tuple[str, ...]  # what the environment lacks
+    files: tuple[Path, ...]  # where the source uses it, relative to the package directory
+
+    @property
+    def regex(self) -> re.Pattern[str]:
+        return re.compile(self.fix.pattern.format(names="|".join(map(re.escape, self.names))))
+
+
+def plan_source_fixes(python: str, package_dir: Path) -> list[PlannedFix]:
+    """The fixes this source needs in this environment: what the environment lacks, in the files
+    of the source that use it."""
+    lacking = _lacking_in_environment(python)
+    planned = []
+    for fix in SOURCE_FIXES:
+        if not lacking[fix.name]:
+            continue
+        plan = PlannedFix(fix, tuple(lacking[fix.name]), ())
+        files = tuple(
+            path.relative_to(package_dir)
+            for path in sorted(package_dir.glob(fix.files))
+            if path.is_file() and plan.regex.search(path.read_text(encoding="utf-8"))
+        )
+        if files:
+            planned.append(PlannedFix(fix, plan.names, files))
+    return planned
+
+
+def apply_source_fixes(package_dir: Path, planned: list[PlannedFix]) -> None:
+    for plan in planned:
+        count = 0
+        for rel in plan.files:
+            path = package_dir / rel
+            text, n = plan.regex.subn(plan.fix.replacement, path.read_text(encoding="utf-8"))
+            path.write_text(text, encoding="utf-8")
+            count += n
+        where = ", ".join(f"detectron2/{rel}" for rel in plan.files)
+        log(
+            f"fixed {plan.fix.name} ({count}x in {where}): {plan.fix.why} "
+            f"Not needed from upstream {plan.fix.upstream} on."
+        )
+
+
+def _lacking_in_environment(python: str) -> dict[str, list[str]]:
+    entries = ", ".join(f"{fix.name!r}: {fix.lacking}" for fix in SOURCE_FIXES)
+    probe = f"import importlib.util, json, numpy, PIL.Image\nprint(json.dumps({{{entries}}}))"
+    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise ProvisionError(
+            "could not check which compatibility fixes this environment needs (numpy and "
+            f"Pillow should be installed by now).\nPython said:\n{_tail(proc.stderr)}"
+        )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def log(msg: str) -> None:
     print(f"[provision-detectron2] {msg}", flush=True)
 
@@ -193,27 +336,150 @@ def log(msg: str) -> None:
 # Detection of an existing installation
 # ---------------------------------------------------------------------------------------------
 
+# Run in the target environment: imports Detectron2 as the project needs it and prints one JSON
+# line after _PROBE_MARK: what is installed, or which module failed to import, how and where.
+_PROBE_MARK = "@@detectron2-probe@@"
+_PROBE_FRAMES = 3
+_PROBE = textwrap.dedent(
+    f"""
+    import importlib, json, os, sys, traceback
+    if sys.path and sys.path[0] == "":
+        del sys.path[0]  # a detectron2/ source tree in the working directory would shadow it
 
-def existing_detectron2(python: str) -> str | None:
-    """Return a description of a usable installed Detectron2 >= 0.6, or None."""
-    probe = textwrap.dedent(
-        f"""
-        import importlib, detectron2
-        for m in {REQUIRED_SUBPACKAGES!r}:
-            importlib.import_module("detectron2." + m)
+    def report(**fields):
+        print({_PROBE_MARK!r} + json.dumps(fields), flush=True)
+        sys.exit(0)
+
+    def failed(module, error):
+        frames = [
+            (f.filename, f.lineno, f.name, f.line or "")
+            for f in traceback.extract_tb(error.__traceback__)
+            if not f.filename.startswith("<frozen")
+        ]
+        exception = "".join(traceback.format_exception_only(type(error), error)).strip()
+        report(module=module, exception=exception, frames=frames[-{_PROBE_FRAMES}:])
+
+    try:
+        import detectron2
+    except ModuleNotFoundError as e:
+        if e.name == "detectron2":
+            report(missing=True)
+        failed("detectron2", e)
+    except Exception as e:
+        failed("detectron2", e)
+    for name in {REQUIRED_SUBPACKAGES!r}:
+        try:
+            importlib.import_module("detectron2." + name)
+        except Exception as e:
+            failed("detectron2." + name, e)
+    try:
         from detectron2 import _C
-        kind = "pure-Python build" if getattr(_C, "PURE_PYTHON_BUILD", False) else "compiled"
-        print(detectron2.__version__, kind, detectron2.__file__, sep="|")
-        """
+    except Exception as e:
+        failed("detectron2._C", e)
+    report(
+        version=detectron2.__version__,
+        path=os.path.dirname(detectron2.__file__),
+        compiled=not getattr(_C, "PURE_PYTHON_BUILD", False),
     )
-    proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
-    if proc.returncode != 0:
-        # Present but the compiled extension is broken/missing: try the submodules without _C.
-        return None
-    version, kind, path = proc.stdout.strip().splitlines()[-1].split("|")
-    if not _version_at_least(version, (0, 6)):
-        return None
-    return f"detectron2 {version} ({kind}) at {os.path.dirname(path)}"
+    """
+)
+
+# Causes of an import failure other than those of SOURCE_FIXES: (regex on the exception, cause,
+# fix).
+_KNOWN_FAILURES: tuple[tuple[str, str, str], ...] = (
+    (
+        r"No module named 'pkg_resources'",
+        "setuptools >= 82 no longer ships pkg_resources, which Detectron2's model_zoo imports.",
+        "install setuptools<82 into this environment (the pinned stack has 81).",
+    ),
+    (
+        r"undefined symbol|DLL load failed|incompatible architecture",
+        "Detectron2's C++ extension was built against another PyTorch than the one installed.",
+        "rebuild Detectron2 from source in this environment (`make env DETECTRON2_SOURCE=...`).",
+    ),
+    (
+        r"cannot import name '_C'|No module named 'detectron2\._C'",
+        "this Detectron2 has no C++ extension: its build skipped it, or a source tree without "
+        "one shadows the installed package.",
+        "rebuild Detectron2 from source in this environment (`make env DETECTRON2_SOURCE=...`).",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Detectron2Probe:
+    """What importing Detectron2 in an environment found."""
+
+    missing: bool = False
+    version: str = ""
+    path: str = ""
+    compiled: bool = False
+    module: str = ""  # the module that failed to import ("" if none did)
+    exception: str = ""  # its exception, as the last line of a traceback shows it
+    frames: tuple[tuple[str, int, str, str], ...] = ()  # its last frames, innermost last
+
+    @property
+    def usable(self) -> bool:
+        return not self.missing and not self.module and _version_at_least(self.version, (0, 6))
+
+    def describe(self) -> str:
+        kind = "compiled" if self.compiled else "pure-Python build"
+        return f"detectron2 {self.version} ({kind}) at {self.path}"
+
+    def problem(self, source_fixes: bool | None = None) -> str:
+        """Why this Detectron2 cannot be used, with the fix where it is known. ``source_fixes``:
+        whether SOURCE_FIXES were on for the build (None: not a build from source)."""
+        if self.missing:
+            return "Detectron2 is not installed."
+        if not self.module:
+            return f"{self.describe()} is older than 0.6."
+        lines = [f"{self.module} does not import:", f"    {self.exception}"]
+        if self.frames:
+            lines.append("  last frames:")
+            for filename, lineno, name, line in self.frames:
+                lines.append(f'    File "{filename}", line {lineno}, in {name}')
+                if line:
+                    lines.append(f"      {line}")
+        return "\n".join(lines + _known_fix(self.exception, source_fixes))
+
+
+def _known_fix(exception: str, source_fixes: bool | None) -> list[str]:
+    for fix in SOURCE_FIXES:
+        if re.search(fix.symptom, exception):
+            if source_fixes:
+                ours = (
+                    f"nl_detectron's fix for it ({fix.name}) was on but did not match this "
+                    "source: please report it, with the source's commit"
+                )
+            else:
+                ours = (
+                    "let nl_detectron apply its known compatibility fixes: build the source with "
+                    "`make env DETECTRON2_SOURCE=...` without DETECTRON2_SOURCE_FIXES=0 (or "
+                    "tools/provision_detectron2.py --source without --no-source-fixes)"
+                )
+            ways = [f"update the Detectron2 source (upstream fixed this in {fix.upstream})", ours]
+            ways += [fix.pin] if fix.pin else []
+            listed = [f"    - {way};" for way in ways[:-1]] + [f"    - {ways[-1]}."]
+            return [f"  Cause: {fix.why}", "  Fix it in one of these ways:", *listed]
+    for pattern, cause, fix_text in _KNOWN_FAILURES:
+        if re.search(pattern, exception):
+            return [f"  Cause: {cause}", f"  Fix: {fix_text}"]
+    return []
+
+
+def probe_detectron2(python: str) -> Detectron2Probe:
+    """Import Detectron2, the subpackages the project needs and ``_C`` in ``python``."""
+    proc = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True)
+    found = [line for line in proc.stdout.splitlines() if line.startswith(_PROBE_MARK)]
+    if proc.returncode != 0 or not found:
+        # What the probe cannot catch: the interpreter itself, a crash in an extension module.
+        raise ProvisionError(
+            f"could not check the Detectron2 of {python}: importing it ended with exit status "
+            f"{proc.returncode}.\nPython said:\n{_tail(proc.stdout + proc.stderr)}"
+        )
+    fields = json.loads(found[-1][len(_PROBE_MARK) :])
+    fields["frames"] = tuple(tuple(f) for f in fields.get("frames", ()))
+    return Detectron2Probe(**fields)
 
 
 # Earlier revisions of this script's registry build, which a run of it replaces.
@@ -222,15 +488,22 @@ _OLDER_BUILDS = ("0.6+purepython",)
 
 def _installed_distribution_version(python: str) -> str:
     """The version of the installed ``detectron2`` distribution ("" if none)."""
-    probe = "import importlib.metadata as m; print(m.version('detectron2'))"
+    probe = textwrap.dedent(
+        """
+        import importlib.metadata as m
+        try:
+            print(m.version("detectron2"))
+        except m.PackageNotFoundError:
+            print()
+        """
+    )
     proc = subprocess.run([python, "-c", probe], capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else ""
-
-
-def _is_compiled(python: str) -> bool:
-    """Whether the installed Detectron2 has its real C++ extension (not the stand-in)."""
-    probe = "from detectron2 import _C; assert not getattr(_C, 'PURE_PYTHON_BUILD', False)"
-    return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
+    if proc.returncode != 0:
+        raise ProvisionError(
+            f"could not read the version of the installed detectron2 distribution with {python}."
+            f"\nPython said:\n{_tail(proc.stderr)}"
+        )
+    return proc.stdout.strip()
 
 
 def _version_at_least(version: str, minimum: tuple[int, ...]) -> bool:
@@ -404,19 +677,34 @@ def pip_install(python: str, project: Path) -> None:
     ]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        uninstall(python)
         raise ProvisionError(
-            "building/installing the pure-Python Detectron2 failed.\n"
-            f"pip said:\n{_tail(proc.stdout + proc.stderr)}"
+            "building/installing the pure-Python Detectron2 failed. "
+            f"{_remove_again(python)}\npip said:\n{_tail(proc.stdout + proc.stderr)}"
         )
 
 
 def uninstall(python: str) -> None:
-    subprocess.run(
+    """Uninstall the ``detectron2`` distribution (nothing if none is installed)."""
+    proc = subprocess.run(
         [python, "-m", "pip", "uninstall", "--yes", "--quiet", "detectron2"],
         capture_output=True,
         text=True,
     )
+    if proc.returncode != 0:
+        raise ProvisionError(
+            "pip could not uninstall the installed detectron2; remove it by hand "
+            f"({python} -m pip uninstall detectron2).\npip said:\n"
+            f"{_tail(proc.stdout + proc.stderr)}"
+        )
+
+
+def _remove_again(python: str) -> str:
+    """After a failed install: uninstall what there is, and say how that went."""
+    try:
+        uninstall(python)
+    except ProvisionError as e:
+        return f"Removing it again failed too: {e}"
+    return "No detectron2 is left installed."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -454,58 +742,100 @@ def stage_official_source(source: Path, workdir: Path) -> Path:
     return staged
 
 
-def _source_id(source: Path) -> str:
-    """What identifies a build's source: the path, and the sha256 of a tarball."""
-    return f"{source}\n{sha256_of(source) if source.is_file() else 'directory'}\n"
+def _source_id(source: Path, fixes: str) -> str:
+    """What identifies a build from source: the path, the sha256 of a tarball, and the fixes."""
+    return f"{source}\n{sha256_of(source) if source.is_file() else 'directory'}\n{fixes}\n"
 
 
-def build_official(python: str, source: Path) -> str:
+def _environment_prefix(python: str) -> Path:
+    """``sys.prefix`` of ``python``: the environment's own directory (a venv's python is often a
+    symlink to the base interpreter, so its resolved path leads elsewhere)."""
+    proc = subprocess.run(
+        [python, "-c", "import sys; print(sys.prefix)"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        raise ProvisionError(f"{python} does not run.\nIt said:\n{_tail(proc.stderr)}")
+    return Path(proc.stdout.strip())
+
+
+BUILT_FROM = "detectron2-built-from.txt"
+
+
+def install_source(python: str, project: Path, source: Path) -> None:
+    """Build and install the staged official source tree ``project`` with its own setup.py."""
+    cmd = [
+        python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+        "--quiet", str(project),
+    ]  # fmt: skip
+    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise ProvisionError(
+            f"building Detectron2 from {source} failed (it needs a C++ compiler, and torch "
+            f"installed first). {_remove_again(python)}\n"
+            f"pip said:\n{_tail(proc.stdout + proc.stderr)}"
+        )
+
+
+def build_official(python: str, source: Path, source_fixes: bool = True) -> str:
     """Build and install the official Detectron2 from ``source`` with its C++ extension (unless
-    the environment already holds a working build of that same source)."""
-    marker = Path(python).resolve().parent.parent / "detectron2-built-from.txt"
-    if source.is_file() and marker.is_file() and marker.read_text() == _source_id(source):
-        found = existing_detectron2(python)
-        if found and _is_compiled(python):
-            log(f"using the installed {found}, built from {source}; nothing to do")
-            return found
-    marker.unlink(missing_ok=True)
+    the environment already holds a working build of that same source). With ``source_fixes``,
+    the fixes of SOURCE_FIXES that this source needs in this environment are applied first."""
+    marker = _environment_prefix(python) / BUILT_FROM
     with tempfile.TemporaryDirectory(prefix="nl-detectron2-src-") as tmp:
         project = stage_official_source(source, Path(tmp))
-        log(f"building Detectron2 from {source} with its C++ extension (about a minute)")
-        uninstall(python)  # the registry build would shadow it
-        cmd = [
-            python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-cache-dir",
-            "--quiet", str(project),
-        ]  # fmt: skip
-        env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)))
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            uninstall(python)
-            raise ProvisionError(
-                f"building Detectron2 from {source} failed (it needs a C++ compiler, and torch "
-                f"installed first).\npip said:\n{_tail(proc.stdout + proc.stderr)}"
-            )
-    found = existing_detectron2(python)
-    if not found or not _is_compiled(python):
-        uninstall(python)
-        raise ProvisionError(
-            f"Detectron2 built from {source} does not import with its C++ extension; it was "
-            "removed again."
+        planned = plan_source_fixes(python, project / "detectron2") if source_fixes else []
+        fixes = (
+            f"fixes r{SOURCE_FIXES_REVISION}: " + ", ".join(p.fix.name for p in planned)
+            if source_fixes
+            else "fixes: off"
         )
-    marker.write_text(_source_id(source))
-    log(f"installed {found}")
-    return found
+        build_id = _source_id(source, fixes)
+        if source.is_file() and marker.is_file() and marker.read_text() == build_id:
+            found = probe_detectron2(python)
+            if found.usable and found.compiled:
+                log(f"using the installed {found.describe()}, built from {source}; nothing to do")
+                return found.describe()
+            log(f"rebuilding: the Detectron2 built from {source} fails.\n{found.problem()}")
+        marker.unlink(missing_ok=True)
+        if not source_fixes:
+            log("compatibility fixes off (DETECTRON2_SOURCE_FIXES=0): building the source as it is")
+        elif not planned:
+            log("this source needs none of the compatibility fixes in this environment")
+        apply_source_fixes(project / "detectron2", planned)
+        log(f"building Detectron2 from {source} with its C++ extension (a few minutes on 2 cores)")
+        uninstall(python)  # the registry build would shadow it
+        install_source(python, project, source)
+    found = probe_detectron2(python)
+    if not found.usable or not found.compiled:
+        problem = (
+            found.problem(source_fixes)
+            if not found.usable
+            else f"{found.describe()} has no C++ extension (its build skipped it)."
+        )
+        raise ProvisionError(
+            f"Detectron2 built from {source} compiled and installed, but it cannot be used. "
+            f"{_remove_again(python)}\n{problem}"
+        )
+    marker.write_text(build_id)
+    log(f"installed {found.describe()}")
+    return found.describe()
 
 
 def provision(python: str, expected_sha256: str, keep_existing: bool = True) -> str:
     if keep_existing:
-        found = existing_detectron2(python)
+        found = probe_detectron2(python)
         outdated = _installed_distribution_version(python)
-        if found and outdated not in _OLDER_BUILDS:
-            log(f"using the installed {found}; nothing to do")
-            return found
-        if found:
+        if found.usable and outdated not in _OLDER_BUILDS:
+            log(f"using the installed {found.describe()}; nothing to do")
+            return found.describe()
+        if found.usable:
             log(f"replacing the registry build {outdated}: its fixes are older than these")
+        elif not found.missing:
+            log(
+                "the installed Detectron2 cannot be used; installing the registry build instead."
+                f"\n{found.problem()}"
+            )
     with tempfile.TemporaryDirectory(prefix="nl-detectron2-") as tmp:
         workdir = Path(tmp)
         sdist = fetch_sdist(python, workdir, expected_sha256)
@@ -514,20 +844,14 @@ def provision(python: str, expected_sha256: str, keep_existing: bool = True) -> 
         write_build_files(project)
         uninstall(python)  # a broken or older detectron2 would shadow the new one
         pip_install(python, project)
-    found = existing_detectron2(python)
-    if not found:
-        probe = subprocess.run(
-            [python, "-c", "import detectron2.modeling, detectron2.data, "
-             "detectron2.evaluation, detectron2.engine"],
-            capture_output=True, text=True,
-        )  # fmt: skip
-        uninstall(python)
+    found = probe_detectron2(python)
+    if not found.usable:
         raise ProvisionError(
-            "the pure-Python Detectron2 was installed but does not import; it was removed "
-            f"again.\nPython said:\n{_tail(probe.stderr)}"
+            "the pure-Python Detectron2 was installed but cannot be used. "
+            f"{_remove_again(python)}\n{found.problem()}"
         )
-    log(f"installed {found}")
-    return found
+    log(f"installed {found.describe()}")
+    return found.describe()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -549,10 +873,19 @@ def main(argv: list[str] | None = None) -> int:
         help="build the official Detectron2 from this source tree or tarball instead "
         "(default: $DETECTRON2_SOURCE)",
     )
+    parser.add_argument(
+        "--no-source-fixes",
+        dest="source_fixes",
+        action="store_false",
+        default=os.environ.get("DETECTRON2_SOURCE_FIXES", "1") != "0",
+        help="with --source: build it as it is, without the compatibility fixes an older source "
+        "needs on the pinned stack (default: on; DETECTRON2_SOURCE_FIXES=0 turns them off)",
+    )
     args = parser.parse_args(argv)
     try:
         if args.source:
-            build_official(args.python, Path(args.source).expanduser().resolve())
+            source = Path(args.source).expanduser().resolve()
+            build_official(args.python, source, source_fixes=args.source_fixes)
         else:
             provision(args.python, args.sha256.lower(), keep_existing=not args.force)
     except ProvisionError as e:

@@ -11,7 +11,15 @@ system_site=${3:-0}
 ready="$venv/.ready"
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-step() { printf '\n==> %s\n' "$*"; }
+current="starting"
+step() { current=$*; printf '\n==> %s\n' "$*"; }
+# Every failure names the step it stopped at (the command's own message is printed above it).
+failed() {
+    printf '\nsetup_env.sh: FAILED (exit %s) at step "%s". %s is incomplete: the next run\n' \
+        "$1" "$current" "$venv" >&2
+    printf 'deletes it and builds it again.\n' >&2
+}
+trap 'failed $?' ERR
 
 if [ -d "$venv" ] && [ ! -f "$ready" ]; then
     step "removing $venv: its last set-up did not finish"
@@ -40,6 +48,7 @@ step "provisioning Detectron2"
 step "installing nl_detectron (editable)"
 "$py" -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e "$root"
 
+step "checking the environment"
 "$py" - <<'PY'
 import detectron2, torch, torchvision
 import nl_detectron  # noqa: F401  (registers the project's components)

@@ -2,9 +2,11 @@
 
 import importlib.util
 import io
+import shutil
 import subprocess
 import sys
 import tarfile
+import traceback
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ SCRIPT = ROOT / "tools" / "provision_detectron2.py"
 def _load_script():
     spec = importlib.util.spec_from_file_location("provision_detectron2", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being made
     spec.loader.exec_module(module)
     return module
 
@@ -145,3 +148,184 @@ def test_installed_build_has_the_fixes():
 
     path = model_zoo.get_config_file("COCO-Keypoints/keypoint_rcnn_R_50_FPN_1x.yaml")
     assert Path(path).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# Official sources older than the pinned stack: fixes where needed, and failures with their cause
+
+# Lines as the official sources have them (v0.6 and main b2948fb; main fixed each later).
+_OLD_LINES = {
+    "data/transforms/transform.py": (
+        "from PIL import Image\n\n\nclass ExtentTransform:\n"
+        "    def __init__(self, src_rect, output_size, interp=Image.LINEAR, fill=0):\n"
+        "        self.interp = interp\n"
+    ),
+    "data/build.py": (
+        "import numpy as np\n\n\ndef histogram(n):\n    return np.zeros((n,), dtype=np.int)\n"
+    ),
+    "export/__init__.py": "from .api import *\nfrom .flatten import TracingAdapter\n",
+}
+_NEW_LINES = {
+    "data/transforms/transform.py": _OLD_LINES["data/transforms/transform.py"].replace(
+        "Image.LINEAR", "Image.BILINEAR"
+    ),
+    "data/build.py": _OLD_LINES["data/build.py"].replace("np.int", "int"),
+    "export/__init__.py": (
+        "try:\n    from caffe2.proto import caffe2_pb2 as _tmp\nexcept ImportError:\n    pass\n"
+        "else:\n    from .api import *\n"
+    ),
+}
+
+
+def _stub_source(root: Path, lines: dict[str, str]) -> Path:
+    """A Detectron2 source tree in miniature: version 0.6, the subpackages the probe imports, a
+    compiled-looking ``_C``, and ``lines``; ``export/api.py`` would need caffe2."""
+    pkg = root / "detectron2"
+    files = {
+        "__init__.py": '__version__ = "0.6"\n',
+        "_C.py": "",
+        "layers/__init__.py": "",
+        "modeling/__init__.py": "",
+        "evaluation/__init__.py": "",
+        "engine/__init__.py": "",
+        "data/__init__.py": "from .transforms import transform  # noqa: F401\n",
+        "data/transforms/__init__.py": "",
+        "export/api.py": "from caffe2.proto import caffe2_pb2  # noqa: F401\n",
+        "export/flatten.py": "TracingAdapter = object\n",
+        **lines,
+    }
+    for rel, text in files.items():
+        (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pkg / rel).write_text(text)
+    (root / "setup.py").write_text("raise SystemExit('the tests never build this')\n")
+    return root
+
+
+@pytest.fixture
+def fake_env(tmp_path, monkeypatch):
+    """build_official on this interpreter, with pip replaced: "installing" copies the staged
+    package to a directory that PYTHONPATH puts before the real Detectron2, and the build
+    marker goes to tmp_path instead of the environment."""
+    script = _load_script()
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    calls = []
+
+    def install(python, project, source):
+        calls.append("install")
+        shutil.copytree(project / "detectron2", site / "detectron2")
+
+    def uninstall(python):
+        calls.append("uninstall")
+        shutil.rmtree(site / "detectron2", ignore_errors=True)
+
+    monkeypatch.setattr(script, "install_source", install)
+    monkeypatch.setattr(script, "uninstall", uninstall)
+    monkeypatch.setattr(script, "_environment_prefix", lambda python: tmp_path)
+    return script, site, calls
+
+
+def test_a_failing_import_names_module_exception_frames_and_fix(tmp_path, monkeypatch):
+    script = _load_script()
+    _stub_source(tmp_path / "site", _OLD_LINES)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    found = script.probe_detectron2(sys.executable)
+    assert not found.usable
+    assert found.module == "detectron2.data"
+    assert found.exception == "AttributeError: module 'PIL.Image' has no attribute 'LINEAR'"
+    assert found.frames[-1][0].endswith("data/transforms/transform.py")
+    assert "interp=Image.LINEAR" in found.frames[-1][3]
+    problem = found.problem(source_fixes=False)
+    for fix in ("ff53992b", "DETECTRON2_SOURCE_FIXES=0", "pillow<10"):
+        assert fix in problem, problem
+
+
+def test_an_old_source_built_as_it_is_fails_with_the_real_cause(fake_env, tmp_path, capsys):
+    script, site, calls = fake_env
+    source = _stub_source(tmp_path / "src", _OLD_LINES)
+    with pytest.raises(script.ProvisionError) as e:
+        script.build_official(sys.executable, source, source_fixes=False)
+    message = str(e.value)
+    assert "compiled and installed, but it cannot be used" in message
+    assert "detectron2.data does not import" in message
+    assert "AttributeError: module 'PIL.Image' has no attribute 'LINEAR'" in message
+    assert "transform.py" in message and "Fix it in one of these ways" in message
+    assert calls == ["uninstall", "install", "uninstall"], "a failed build is removed again"
+    assert not (tmp_path / script.BUILT_FROM).exists()
+    assert "fixed" not in capsys.readouterr().out
+
+
+def test_an_old_source_gets_the_fixes_it_needs(fake_env, tmp_path, capsys):
+    script, site, calls = fake_env
+    source = _stub_source(tmp_path / "src", _OLD_LINES)
+    found = script.build_official(sys.executable, source)
+    assert "detectron2 0.6 (compiled)" in found
+    for rel, text in _OLD_LINES.items():
+        assert (source / "detectron2" / rel).read_text() == text, "the user's tree is untouched"
+    installed = site / "detectron2"
+    assert "interp=Image.BILINEAR" in (installed / "data/transforms/transform.py").read_text()
+    assert "dtype=int)" in (installed / "data/build.py").read_text()
+    assert "except ImportError" in (installed / "export/__init__.py").read_text()
+    out = capsys.readouterr().out
+    for fix in script.SOURCE_FIXES:
+        assert f"fixed {fix.name}" in out and fix.upstream in out
+    built = (tmp_path / script.BUILT_FROM).read_text()
+    assert "Pillow Image.LINEAR, NumPy aliases, caffe2 exporter import" in built
+
+
+def test_a_source_that_needs_no_fix_is_built_as_it_is(fake_env, tmp_path, capsys):
+    script, site, calls = fake_env
+    source = _stub_source(tmp_path / "src", _NEW_LINES)
+    script.build_official(sys.executable, source)
+    for path in (source / "detectron2").rglob("*.py"):
+        rel = path.relative_to(source)
+        assert (site / rel).read_bytes() == path.read_bytes(), rel
+    assert "needs none of the compatibility fixes" in capsys.readouterr().out
+
+
+def test_a_fix_is_planned_only_where_the_environment_lacks_what_the_source_uses(
+    tmp_path, monkeypatch
+):
+    script = _load_script()
+    pkg = _stub_source(tmp_path, _OLD_LINES) / "detectron2"
+    names = [fix.name for fix in script.SOURCE_FIXES]
+    planned = script.plan_source_fixes(sys.executable, pkg)  # the pinned stack lacks all three
+    assert [p.fix.name for p in planned] == names
+    assert [str(f) for p in planned for f in p.files] == list(_OLD_LINES)
+    # An environment that still has them (an older Pillow, say) needs none of them.
+    monkeypatch.setattr(script, "_lacking_in_environment", lambda python: dict.fromkeys(names, []))
+    assert script.plan_source_fixes(sys.executable, pkg) == []
+
+
+def _exception_line(code: str) -> str:
+    try:
+        exec(code, {})
+    except Exception as e:
+        return "".join(traceback.format_exception_only(type(e), e)).strip()
+    pytest.fail(f"{code!r} raised nothing: the pinned stack is not what this test expects")
+
+
+def test_each_fix_names_its_upstream_commit_and_recognizes_the_real_exception():
+    """Each fix's symptom matches the exception the pinned stack really raises, so a source
+    built without the fix fails with the fix's name, its upstream commit and the ways out."""
+    script = _load_script()
+    raised = {
+        "Pillow Image.LINEAR": "import PIL.Image; PIL.Image.LINEAR",
+        "NumPy aliases": "import numpy as np; np.float",
+        "caffe2 exporter import": "import caffe2",
+    }
+    assert set(raised) == {fix.name for fix in script.SOURCE_FIXES}
+    for fix in script.SOURCE_FIXES:
+        advice = "\n".join(script._known_fix(_exception_line(raised[fix.name]), None))
+        assert fix.why in advice and fix.upstream in advice, fix.name
+        assert "DETECTRON2_SOURCE_FIXES=0" in advice
+
+
+def test_a_probe_or_uninstall_that_cannot_run_says_so():
+    script = _load_script()
+    with pytest.raises(script.ProvisionError, match="exit status 1"):
+        script.probe_detectron2("/bin/false")
+    with pytest.raises(script.ProvisionError, match="pip could not uninstall"):
+        script.uninstall("/bin/false")
+    assert script._remove_again("/bin/false").startswith("Removing it again failed too")
