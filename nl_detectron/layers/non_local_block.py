@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import Tensor, nn
 
+from .mixed_precision import float32_region
 from .pairwise import make_pairwise
 from .sync_batch_norm import SyncBatchNorm
 from .tensor_ops import (
@@ -200,19 +201,12 @@ class NonLocalBlock(CNNBlockBase):
         flat = x.flatten(2)
         # Keys and values, sub-sampled: (N, C', M) each (keys (N, C, M) for the Gaussian form)
         keys, values, _ = self._keys_values(x, flat)
-        w_z, theta_weight, theta_bias = self.out_conv, self._theta_weight(), self._theta_bias()
-        if self.pairwise_fn.folds_output(flat.shape[2]):
-            # Dot product on a large map: W_z y as one (N, C, C) map of x itself
-            assert theta_weight is not None and theta_bias is not None
-            weight, bias = self.pairwise_fn.output_map(
-                keys, values, theta_weight, theta_bias, w_z.weight, w_z.bias, x.dtype
-            )
-            z = self._project(flat, list(x.shape), weight, bias)
+        # W_z y + b_z as weight @ inputs + bias, the inputs being y of Eq. 1, or x itself (None)
+        if torch.jit.is_scripting():
+            weight, bias, y = self._output_terms(flat, keys, values, x.dtype)
         else:
-            queries = self.pairwise_fn.embed_queries(flat, theta_weight, theta_bias, self._w_f())
-            # y of Eq. 1: (N, C', HW)
-            y = self.pairwise_fn(queries, keys, values, self._w_f())
-            z = self._project(y.to(x.dtype), list(x.shape), conv_matrix(w_z.weight), w_z.bias)
+            weight, bias, y = self._output_terms_in_precision(flat, keys, values, x.dtype)
+        z = self._project(flat if y is None else y, list(x.shape), weight, bias)
         if z.dtype != x.dtype:  # autocast
             return x + z
         # In place: neither the norm nor W_z keeps its output for the backward pass.
@@ -236,6 +230,34 @@ class NonLocalBlock(CNNBlockBase):
 
     def _w_f(self) -> Optional[Tensor]:
         return None if self.concat_project is None else self.concat_project.weight
+
+    def _output_terms(
+        self, flat: Tensor, keys: Tensor, values: Tensor, dtype: torch.dtype
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """``W_z y + b_z`` as ``(weight, bias, inputs)``, inputs in ``dtype``: W_z, b_z and
+        ``y`` (N, C', HW) of Eq. 1; or for the dot product on a large map, one ``(N, C, C)`` map
+        of x itself and inputs None (the pairwise form's ``output_map``)."""
+        w_z, theta_weight, theta_bias = self.out_conv, self._theta_weight(), self._theta_bias()
+        if self.pairwise_fn.folds_output(flat.shape[2]):
+            assert theta_weight is not None and theta_bias is not None
+            weight, bias = self.pairwise_fn.output_map(
+                keys, values, theta_weight, theta_bias, w_z.weight, w_z.bias, dtype
+            )
+            return weight, bias, None
+        queries = self.pairwise_fn.embed_queries(flat, theta_weight, theta_bias, self._w_f())
+        # y of Eq. 1: (N, C', HW)
+        y = self.pairwise_fn(queries, keys, values, self._w_f())
+        return conv_matrix(w_z.weight), w_z.bias, y.to(dtype)
+
+    @torch.jit.unused
+    def _output_terms_in_precision(
+        self, flat: Tensor, keys: Tensor, values: Tensor, dtype: torch.dtype
+    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+        """:meth:`_output_terms`, in float32 for the forms whose products would lose their
+        float32 to autocast (:mod:`.mixed_precision`); fused attention runs under autocast."""
+        if self.pairwise_fn.computes_in_float32:
+            return float32_region(self._output_terms, flat, keys, values, dtype)
+        return self._output_terms(flat, keys, values, dtype)
 
     def _keys_values(self, x: Tensor, flat: Tensor) -> tuple[Tensor, Tensor, list[int]]:
         """Sub-sampled phi(x_j) (x_j for the Gaussian form) and g(x_j).
@@ -343,9 +365,14 @@ class NonLocalBlock(CNNBlockBase):
             A ``(N, Q, M)`` tensor (float32 for half inputs), one row per query over the M key
             positions (softmax rows for the Gaussian forms, which sum to 1; ``f / M`` for the
             other two), and the key grid ``S'`` as a list (``M = prod(S')``; sub-sampled when
-            ``sub_sample``). Only these Q rows are computed, never the full map.
+            ``sub_sample``). Only these Q rows are computed, never the full map, in float32
+            also under autocast.
         """
         self._check_input(x)
+        return float32_region(self._affinity, x, query_index)
+
+    @torch.jit.unused
+    def _affinity(self, x: Tensor, query_index: Tensor) -> tuple[Tensor, list[int]]:
         # (N, C, *S) -> (N, C, HW) -> (N, C, Q)
         flat = x.flatten(2)
         chosen = flat[:, :, query_index.to(device=x.device, dtype=torch.long)]

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import fused_attention
 from .tensor_ops import conv_matrix, pointwise, rows, upcast
 
 __all__ = [
@@ -44,6 +45,9 @@ class PairwiseFunction(nn.Module):
     """
 
     uses_embeddings = True  # theta and phi; False: x itself (the Gaussian form)
+    # Its products must stay float32 under autocast (sums that fp16 would overflow or round away);
+    # False: it takes half-precision inputs (fused attention accumulates in float32 itself).
+    computes_in_float32 = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -85,7 +89,8 @@ class PairwiseFunction(nn.Module):
 class _Softmax(PairwiseFunction):
     """``y_i = sum_j softmax_j(scale * q_i^T k_j) g_j`` (C(x) = sum_j f).
 
-    Trick: fused attention (``F.scaled_dot_product_attention``) never stores the ``HW x M`` map and
+    Trick: fused attention (``F.scaled_dot_product_attention``, with the kernels of
+    :func:`~nl_detectron.layers.attention.attention_backends`) never stores the ``HW x M`` map and
     accumulates the logits in float32 for half inputs (no fp16 overflow); its fused kernels need
     equal query and value widths, so the narrower side is zero-padded (which changes neither
     logits nor values). On CPU without autograd (inference), where the fused kernel is slower,
@@ -121,7 +126,11 @@ class _Softmax(PairwiseFunction):
         q = rows(queries, cq, width)[:, None]
         k = rows(keys, cq, width)[:, None]
         v = rows(values, cv, width)[:, None]
-        y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        if torch.jit.is_scripting() or torch.jit.is_tracing():
+            # the op itself: what runs it is the exported model's runtime's choice
+            y = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        else:
+            y = fused_attention(q, k, v, self.scale)
         # (N, 1, HW, width) -> (N, HW, C') -> (N, C', HW)
         return y[:, 0, :, :cv].transpose(1, 2)
 
@@ -144,9 +153,9 @@ class _Softmax(PairwiseFunction):
 
     @torch.jit.unused
     def rows(self, queries: Tensor, keys: Tensor, w_f: Optional[Tensor]) -> Tensor:
-        # (N, Cq, Q)^T @ (N, Cq, M) -> (N, Q, M)
-        logits = upcast(queries).transpose(1, 2) @ upcast(keys)
-        return torch.softmax(logits * self.scale, dim=2)
+        # (N, Cq, Q)^T @ (N, Cq, M) -> (N, Q, M), scaled before the product as in forward
+        logits = (upcast(queries) * self.scale).transpose(1, 2) @ upcast(keys)
+        return torch.softmax(logits, dim=2)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale:.4g}"
@@ -180,6 +189,8 @@ class DotProduct(PairwiseFunction):
     C x C map of x per sample, whose construction costs at most 5 % of the block's four 1x1
     convolutions, and which stores neither theta(x) nor y for the backward pass.
     """
+
+    computes_in_float32 = True
 
     def __init__(self, channels: int, inner_channels: int) -> None:
         super().__init__()
@@ -237,6 +248,8 @@ class Concatenation(PairwiseFunction):
     O((HW + M) C' + M log M + HW log M) time, O((HW + M) C') memory. ``a_i`` is computed from x
     with the folded weight ``w_1^T W_theta`` (one channel instead of C'). Float32 for half inputs.
     """
+
+    computes_in_float32 = True
 
     def __init__(self, inner_channels: int) -> None:
         super().__init__()

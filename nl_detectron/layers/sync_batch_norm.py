@@ -26,6 +26,20 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = ["SyncBatchNorm"]
 
 
+def _statistics_input(input: Tensor) -> Tensor:
+    """What torch's synchronised batch norm gets: an empty half-precision input in float32.
+
+    Every process all-gathers a buffer of its mean, inverse std and count. A process with
+    elements computes them in float32 whatever the input's precision; an empty one (no RoIs in a
+    head) fills zeros in the input's dtype. Under autocast that is float16 or bfloat16: the
+    processes then pass buffers of different byte counts to one collective, which hangs NCCL or
+    mixes garbage into every process's statistics. Upcast, the empty process sends float32 too.
+    """
+    if input.numel() == 0 and input.dtype in (torch.float16, torch.bfloat16):
+        return input.float()
+    return input
+
+
 class SyncBatchNorm(_BatchNorm):
     """Batch norm synchronised across the processes of ``process_group`` (default: all), on
     accelerators as ``nn.SyncBatchNorm`` and also on CPU, e.g. in multi-process CPU training
@@ -64,7 +78,8 @@ class SyncBatchNorm(_BatchNorm):
             if input.device.type == "cpu":
                 return self._cpu_sync_forward(input)
             # torch's kernels for accelerators; its forward needs only what this class has.
-            return nn.SyncBatchNorm.forward(self, input)  # type: ignore[arg-type]
+            out = nn.SyncBatchNorm.forward(self, _statistics_input(input))  # type: ignore[arg-type]
+            return out.to(input.dtype)
         return super().forward(input)
 
     @torch.jit.unused

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .mixed_precision import autocast_dtype
+
 __all__ = [
     "MaxPoolKeepingIndices",
     "conv_matrix",
@@ -43,12 +45,27 @@ def conv_matrix(conv_weight: Tensor) -> Tensor:
 
 def linear(weight: Tensor, bias: Optional[Tensor], flat: Tensor) -> Tensor:
     """``(N, C_in, L) -> (N, C_out, L)`` by a ``(C_out, C_in)`` or per-sample ``(N, C_out, C_in)``
-    weight and a ``(C_out)`` or ``(N, C_out)`` bias (or None).
+    weight and a ``(C_out)`` or ``(N, C_out)`` bias (or None). Also accepts ``flat`` as a
+    transposed view.
 
-    On CPU this runs at about twice the speed of the equivalent ``conv2d`` and keeps every
-    tensor, and every gradient, channels-first. Also accepts ``flat`` as a transposed view.
+    A shared ``(C_out, C_in)`` weight is applied by the kernel that suits the device:
+
+    - on accelerators, a 1x1 ``conv1d`` (cuDNN): TF32 in float32 like every other convolution of
+      the model (``torch.backends.cudnn.allow_tf32``, on by default, where ``bmm`` follows the
+      stricter ``torch.backends.cuda.matmul.allow_tf32``), and autocast casts the small weight;
+    - on the CPU, a batched product over the weight expanded to the batch (a view): about twice
+      the speed of ``conv1d`` there, every tensor and gradient channels-first. Under autocast the
+      weight is cast before it is expanded, else autocast would cast the expanded view by
+      materialising one copy per sample and keep it for the backward pass.
     """
     if weight.dim() == 2:
+        if flat.device.type != "cpu":
+            # (C_out, C_in) -> (C_out, C_in, 1): (N, C_in, L) -> (N, C_out, L)
+            return F.conv1d(flat, weight.unsqueeze(2), bias)
+        if not torch.jit.is_scripting():
+            dtype = autocast_dtype("cpu")
+            if dtype is not None:
+                weight = weight.to(dtype)
         # (C_out, C_in) -> (N, C_out, C_in), a view: a batched product copies neither operand
         # (torch.matmul would fold the batch into a transposed copy of flat)
         weight = weight.expand(flat.shape[0], -1, -1)

@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from training_runs import REPO
 
 from nl_detectron.layers import NaiveNonLocal, NonLocalBlock, SyncBatchNorm
@@ -274,17 +273,6 @@ def test_half_precision_linear_forms(pairwise):
     expected = block.float()(x.float())
     assert torch.isfinite(out).all()
     assert (out.float() - expected).abs().max() / expected.abs().max() < 0.02
-
-
-@pytest.mark.parametrize("pairwise", SOFTMAX_FORMS)
-@pytest.mark.parametrize("dim", [1, 2, 3])
-def test_softmax_forms_use_fused_attention(pairwise, dim):
-    # Only the fused kernel is allowed: it raises if the block would need the N x M map.
-    block = randomise(NonLocalBlock(8, dim=dim, pairwise=pairwise, inner_channels=6))
-    x = torch.randn(2, 8, *SIZES[dim][1], requires_grad=True)
-    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-        block(x).sum().backward()
-    assert x.grad is not None
 
 
 @pytest.mark.parametrize("pairwise", PAIRWISE)

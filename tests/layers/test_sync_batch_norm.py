@@ -100,3 +100,26 @@ def test_sync_batch_norm_is_batch_norm_in_one_process():
     torch.testing.assert_close(sync.running_var, plain.running_var)
     sync.eval(), plain.eval()
     torch.testing.assert_close(sync(x), plain(x))
+
+
+def test_empty_half_precision_batch_joins_with_float32_statistics(monkeypatch):
+    # On accelerators torch's SyncBatchNorm all-gathers (mean, invstd, count) from every process:
+    # float32 from a process with elements, zeros in the input's dtype from an empty one. Under
+    # autocast the two would differ (float16 against float32) inside one NCCL collective. A
+    # meta-device tensor takes the accelerator path here without a GPU.
+    seen = []
+
+    def torch_sync_forward(module, input):
+        seen.append(input.dtype)
+        return input
+
+    monkeypatch.setattr(nn.SyncBatchNorm, "forward", torch_sync_forward)
+    norm = SyncBatchNorm(8)
+    monkeypatch.setattr(norm, "_world_size", lambda: 2)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = norm(torch.empty(0, 8, 4, 4, dtype=dtype, device="meta"))
+        assert out.dtype == dtype and out.shape == (0, 8, 4, 4)
+    non_empty = norm(torch.empty(3, 8, 4, 4, dtype=torch.float16, device="meta"))
+    assert non_empty.dtype == torch.float16
+    # empty: upcast; with elements: torch computes its statistics in float32 itself
+    assert seen == [torch.float32, torch.float32, torch.float16]
