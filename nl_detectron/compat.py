@@ -14,7 +14,9 @@ Gaps of both hosts, worked around elsewhere (each module says why):
 - ``hooks.BestCheckpointer`` re-points ``last_checkpoint`` at ``model_best.pth``
   (:mod:`nl_detectron.checkpoint.best`);
 - a resumed run restarts the training data from its first batch
-  (:mod:`nl_detectron.data.train_loader`).
+  (:mod:`nl_detectron.data.train_loader`);
+- ``AMPTrainer`` autocasts to float16 only (v0.6) or takes a precision that no yacs key sets
+  (main), and asserts CUDA (:mod:`nl_detectron.engine.amp`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "HAS_CPP_EXTENSION",
     "LAUNCH_RUNS_CPU_PROCESSES",
     "LAZY_DATA_LOADER_ITER",
+    "TRAINER_HAS_AFTER_BACKWARD",
     "TRAINER_SAVES_TRAINER_STATE",
     "WRITE_METRICS_LOGS_TRACEBACK",
     "create_ddp_model",
@@ -88,6 +91,11 @@ CHECKPOINTER_TAKES_URL_QUERIES: bool = "_parsed_url_during_load" in inspect.gets
 WRITE_METRICS_LOGS_TRACEBACK: bool = "Exception in writing metrics" in inspect.getsource(
     SimpleTrainer
 )
+
+
+# main (2023-04): hooks have ``after_backward``, which ``SimpleTrainer.run_step`` calls between
+# the backward pass and the optimizer step; a step written for both hosts calls it where it exists.
+TRAINER_HAS_AFTER_BACKWARD: bool = hasattr(TrainerBase, "after_backward")
 
 
 def host_description() -> str:

@@ -17,13 +17,15 @@ import yaml
 from detectron2.config import CfgNode, get_cfg
 from detectron2.config import CfgNode as CN
 
+from .device import AUTO, default_device
 from .errors import UserInputError
 
 __all__ = ["add_nonlocal_config", "load_config", "non_local_block_args"]
 
 
 def add_nonlocal_config(cfg: CN) -> None:
-    """Add the ``MODEL.NONLOCAL`` node to a Detectron2 config (in place).
+    """Add the ``MODEL.NONLOCAL`` node and ``SOLVER.AMP.PRECISION`` to a Detectron2 config (in
+    place).
 
     The node is read by the components nl_detectron registers: the backbones
     ``build_non_local_resnet_backbone`` / ``build_non_local_resnet_fpn_backbone`` and the heads
@@ -78,6 +80,12 @@ def add_nonlocal_config(cfg: CN) -> None:
     # and warm-up apply as to the rest). Paper: 1 (not stated otherwise).
     _C.MODEL.NONLOCAL.LR_FACTOR = 1.0
 
+    # Mixed precision (with SOLVER.AMP.ENABLED): the autocast dtype, "float16" (Detectron2's, with
+    # loss scaling) or "bfloat16" (Ampere and newer GPUs; no loss scaling). Detectron2 main's
+    # AMPTrainer takes a precision but its config has no key for it; v0.6's is float16 only.
+    if "PRECISION" not in _C.SOLVER.AMP:
+        _C.SOLVER.AMP.PRECISION = "float16"
+
 
 def non_local_block_args(cfg: CN) -> dict[str, Any]:
     """``NonLocalBlock`` keyword arguments from ``MODEL.NONLOCAL`` (all but the channel counts):
@@ -102,6 +110,8 @@ def non_local_block_args(cfg: CN) -> dict[str, Any]:
 def load_config(config_file: str, opts: Sequence[str] | None = None) -> CfgNode:
     """The (mutable) config of a run: ``get_cfg()`` with :func:`add_nonlocal_config`, then
     ``config_file`` (if not empty) and the ``KEY VALUE`` overrides ``opts`` merged in.
+    ``MODEL.DEVICE "auto"`` (the bundled quickstart and context configs) becomes ``"cuda"`` when
+    PyTorch sees a GPU, else ``"cpu"``; an explicit device is kept.
 
     Raises:
         UserInputError: the config file does not exist or is not valid YAML, or a key is unknown,
@@ -136,6 +146,8 @@ def load_config(config_file: str, opts: Sequence[str] | None = None) -> CfgNode:
         cfg.merge_from_list(opts)
     except (KeyError, ValueError, AssertionError) as e:
         raise UserInputError(f"In the command-line overrides: {_reason(e, cfg)}") from None
+    if cfg.MODEL.DEVICE == AUTO:
+        cfg.MODEL.DEVICE = default_device()
     return cfg
 
 

@@ -22,6 +22,7 @@ from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .data import CONTEXT_SPLITS, SHAPES_SPLITS
+from .device import amp_dtype
 from .errors import UserInputError
 
 __all__ = ["check_inputs", "check_lazy_inputs"]
@@ -58,7 +59,13 @@ def check_inputs(
     uses += [(name, "DATASETS.TEST") for name in cfg.DATASETS.TEST]
     _raise_problems(
         [
-            *_device_problems(cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED, num_gpus, YACS_KEYS),
+            *_device_problems(
+                cfg.MODEL.DEVICE,
+                cfg.SOLVER.AMP.ENABLED,
+                cfg.SOLVER.AMP.PRECISION,
+                num_gpus,
+                YACS_KEYS,
+            ),
             *_dataset_problems(uses),
             *_weights_problems(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, eval_only, resume, YACS_KEYS),
             *_keypoint_problems(cfg),
@@ -83,7 +90,13 @@ def check_lazy_inputs(
     train = cfg.train
     _raise_problems(
         [
-            *_device_problems(train.device, bool(train.amp.enabled), num_gpus, LAZY_KEYS),
+            *_device_problems(
+                train.device,
+                bool(train.amp.enabled),
+                train.amp.get("precision", "float16"),
+                num_gpus,
+                LAZY_KEYS,
+            ),
             *_dataset_problems(uses),
             *_weights_problems(
                 train.init_checkpoint, train.output_dir, eval_only, resume, LAZY_KEYS
@@ -105,12 +118,14 @@ def _lazy_get(cfg: Any, dotted: str) -> Any:
 YACS_KEYS = {
     "device": "MODEL.DEVICE",
     "amp": "SOLVER.AMP.ENABLED",
+    "precision": "SOLVER.AMP.PRECISION",
     "weights": "MODEL.WEIGHTS",
     "output_dir": "OUTPUT_DIR",
 }
 LAZY_KEYS = {
     "device": "train.device",
     "amp": "train.amp.enabled",
+    "precision": "train.amp.precision",
     "weights": "train.init_checkpoint",
     "output_dir": "train.output_dir",
 }
@@ -124,7 +139,9 @@ def _raise_problems(problems: list[str]) -> None:
         raise UserInputError(f"{len(problems)} problems stop this run:\n{listed}")
 
 
-def _device_problems(device: str, amp: bool, num_gpus: int, keys: dict[str, str]) -> Iterable[str]:
+def _device_problems(
+    device: str, amp: bool, precision: str, num_gpus: int, keys: dict[str, str]
+) -> Iterable[str]:
     cuda = torch.cuda.is_available()
     dev = keys["device"]
     if device.startswith("cuda") and not cuda:
@@ -132,11 +149,26 @@ def _device_problems(device: str, amp: bool, num_gpus: int, keys: dict[str, str]
             f"{dev} is {device!r}, but PyTorch sees no CUDA GPU on this machine. "
             f"Add `{dev} cpu` to the command line (much slower) or run on a GPU machine."
         )
-    if amp and not device.startswith("cuda"):
-        yield (
-            f"{keys['amp']} is True, but detectron2's mixed-precision trainer (AMPTrainer) "
-            f"needs CUDA and {dev} is {device!r}. Set {keys['amp']} False for CPU training."
-        )
+    if amp:
+        try:
+            dtype = amp_dtype(precision, keys["precision"])
+        except UserInputError as e:
+            yield str(e)
+            dtype = None
+        if dtype == torch.float16 and not device.startswith("cuda"):
+            yield (
+                f"{keys['amp']} is True with {keys['precision']} float16 and {dev} {device!r}: "
+                "float16 autocast is for GPUs. Set "
+                f"{keys['precision']} bfloat16 to train in mixed precision on the CPU, or "
+                f"{keys['amp']} False."
+            )
+        if dtype == torch.bfloat16 and device.startswith("cuda") and cuda:
+            if not torch.cuda.is_bf16_supported():
+                yield (
+                    f"{keys['precision']} is bfloat16, but this GPU "
+                    f"({torch.cuda.get_device_name()}) has no bfloat16 support (it needs Ampere "
+                    f"or newer). Set {keys['precision']} float16."
+                )
     # On CPU (device cpu), --num-gpus is the number of processes (gloo): any number works.
     gpus = torch.cuda.device_count() if cuda else 0
     if device.startswith("cuda") and num_gpus > 1 and num_gpus > gpus:

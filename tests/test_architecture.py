@@ -16,6 +16,7 @@ LAYERS = {
     "third_party_warnings": 0,
     "atomic_files": 0,
     "compat": 1,
+    "device": 1,
     "analysis": 1,
     "layers": 1,
     "config": 2,

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from detectron2.config import CfgNode, get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
 
 import nl_detectron  # noqa: F401  (registers the backbones and heads)
 from nl_detectron import add_nonlocal_config
 
+# The image size of synthetic_instances.
+H, W = 96, 128
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 NL_BACKBONE = {
     "C4": "build_non_local_resnet_backbone",
@@ -80,3 +85,33 @@ def tiny_cfg(arch: str = "FPN", *, non_local: bool = True) -> CfgNode:
     cfg.MODEL.BACKBONE.NAME = (NL_BACKBONE if non_local else VANILLA_BACKBONE)[arch]
     cfg.MODEL.NONLOCAL.NORM = "BN"
     return shrink(cfg)
+
+
+def synthetic_instances(num: int) -> Instances:
+    """Up to 2 ground-truth objects (boxes, masks, 17 keypoints) in an ``H x W`` image."""
+    inst = Instances((H, W))
+    boxes = torch.tensor([[10.0, 20.0, 60.0, 80.0], [70.0, 10.0, 120.0, 70.0]])[:num]
+    inst.gt_boxes = Boxes(boxes)
+    inst.gt_classes = torch.tensor([3, 17])[:num]
+    masks = torch.zeros(num, H, W, dtype=torch.bool)
+    keypoints = torch.zeros(num, 17, 3)
+    for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
+        masks[i, y0:y1, x0:x1] = True
+        # 17 visible keypoints spread over the box
+        keypoints[i, :, 0] = torch.linspace(x0 + 2, x1 - 2, 17)
+        keypoints[i, :, 1] = torch.linspace(y0 + 2, y1 - 2, 17)
+        keypoints[i, :, 2] = 2
+    inst.gt_masks = BitMasks(masks)
+    inst.gt_keypoints = Keypoints(keypoints)
+    return inst
+
+
+def nl_model_with_every_head() -> torch.nn.Module:
+    """The tiny NL Mask R-CNN with an NL keypoint head and an NL mask head: 6 blocks."""
+    cfg = tiny_cfg("FPN")
+    cfg.MODEL.KEYPOINT_ON = True
+    cfg.MODEL.ROI_KEYPOINT_HEAD.NAME = "NonLocalKRCNNConvDeconvUpsampleHead"
+    cfg.MODEL.ROI_MASK_HEAD.NAME = "NonLocalMaskRCNNConvUpsampleHead"
+    cfg.MODEL.NONLOCAL.MASK_HEAD_POSITIONS = [2]
+    torch.manual_seed(0)
+    return build_model(cfg)

@@ -13,6 +13,7 @@ schedule, iteration), ``--eval-only``, ``metrics.json`` and TensorBoard events. 
 Overrides are ``key=value`` (``train.max_iter=100``), as in Detectron2's Python configs.
 """
 
+import logging
 import sys
 
 # First: nl_detectron imports Detectron2 without its known third-party warnings.
@@ -25,6 +26,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from hydra.errors import OverrideParseException
 
+from nl_detectron.device import describe_device
 from nl_detectron.engine.launch import backend_for_device, launch
 from nl_detectron.engine.lazy_trainer import lazy_evaluate, lazy_train
 from nl_detectron.errors import CheckpointError, UserInputError
@@ -51,8 +53,10 @@ def load(args):
 def main(args):
     ignore_known_third_party_warnings()
     cfg = load(args)
-    default_setup(cfg, args)
+    # First in the log: where the run computes (train.device; the quickstart picks CUDA if any).
     setup_logger(cfg.train.output_dir, distributed_rank=comm.get_rank(), name="nl_detectron")
+    logging.getLogger("nl_detectron").info(describe_device(cfg.train.device))
+    default_setup(cfg, args)
     if args.eval_only:
         return lazy_evaluate(cfg, resume=args.resume)
     return lazy_train(cfg, resume=args.resume)

@@ -12,6 +12,7 @@ Results: ``OUTPUT_DIR`` holds the log, ``metrics.json``, TensorBoard events, che
 ``model_best.pth`` (best ``segm/AP``, ``keypoints/AP`` or ``bbox/AP`` of the periodic evaluation).
 """
 
+import logging
 import sys
 
 # First: nl_detectron imports Detectron2 without its known third-party warnings.
@@ -25,6 +26,7 @@ from detectron2.utils.logger import setup_logger
 
 from nl_detectron.checkpoint import NonLocalCheckpointer
 from nl_detectron.config import load_config
+from nl_detectron.device import describe_device
 from nl_detectron.engine import Trainer
 from nl_detectron.engine.launch import backend_for_device, launch
 from nl_detectron.errors import CheckpointError, UserInputError
@@ -36,8 +38,10 @@ def setup(args):
     ignore_known_third_party_warnings()
     cfg = load_config(args.config_file, args.opts)
     cfg.freeze()
-    default_setup(cfg, args)
+    # First in the log: where the run computes (the bundled configs' MODEL.DEVICE "auto").
     setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="nl_detectron")
+    logging.getLogger("nl_detectron").info(describe_device(cfg.MODEL.DEVICE))
+    default_setup(cfg, args)
     return cfg
 
 

@@ -21,6 +21,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 from nl_detectron.data import SHAPES_KEYPOINT_OKS_SIGMAS
 from nl_detectron.data.checks import CheckedDatasetMapper
 from nl_detectron.data.train_loader import ResumableTrainLoader
+from nl_detectron.device import default_device
 from nl_detectron.engine.lazy_trainer import clipped_sgd
 from nl_detectron.evaluation import FastCOCOEvaluator
 from nl_detectron.modeling import NonLocalKRCNNConvDeconvUpsampleHead, add_non_local_blocks
@@ -144,7 +145,7 @@ train.update(
     max_iter=400,
     eval_period=200,
     checkpointer={"period": 200, "max_to_keep": 100},
-    device="cpu",
+    device=default_device(),  # CUDA when there is a GPU, else the CPU
     seed=0,
     precise_bn={"enabled": True, "num_iter": 20},
 )

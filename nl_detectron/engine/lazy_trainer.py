@@ -6,8 +6,9 @@ TensorBoard events.
 The config follows Detectron2's ``configs/common``: ``model``, ``optimizer``, ``lr_multiplier``,
 ``dataloader.{train,test,evaluator}`` and ``train`` (``output_dir``, ``init_checkpoint``,
 ``max_iter``, ``amp.enabled``, ``ddp``, ``checkpointer``, ``eval_period``, ``log_period``,
-``device``, ``seed``, and ``precise_bn.{enabled,num_iter}``: BN statistics recomputed before
-each evaluation, as ``TEST.PRECISE_BN``).
+``device``, ``seed``, ``amp.precision``: ``"float16"`` (the default) or ``"bfloat16"``, and
+``precise_bn.{enabled,num_iter}``: BN statistics recomputed before each evaluation, as
+``TEST.PRECISE_BN``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode, instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_writers, hooks
+from detectron2.engine import SimpleTrainer, default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -26,7 +27,9 @@ from detectron2.utils import comm
 from ..checkpoint import AtomicCheckpointer, BestCheckpointer, NonLocalCheckpointer
 from ..compat import create_ddp_model, restart_data_loader
 from ..data.train_loader import ReseedEachIteration, ResumableTrainLoader
+from ..device import amp_dtype
 from ..evaluation.metrics_file import main_metric_of
+from .amp import AMPTrainer
 from .divergence import (
     SolverSettings,
     TrainingDivergedError,
@@ -162,9 +165,11 @@ def lazy_train(cfg: Any, *, resume: bool = False) -> dict[str, Any]:
     optimizer = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (_AMPTrainer if cfg.train.amp.enabled else _SimpleTrainer)(
-        model, train_loader, optimizer
-    )
+    if cfg.train.amp.enabled:
+        precision = amp_dtype(cfg.train.amp.get("precision", "float16"), "train.amp.precision")
+        trainer = _AMPTrainer(model, train_loader, optimizer, precision=precision)
+    else:
+        trainer = _SimpleTrainer(model, train_loader, optimizer)
     output_dir = cfg.train.output_dir
     checkpointer = AtomicCheckpointer(model, output_dir, trainer=trainer)
     trainer.solver, trainer.checkpointer = _solver_settings(cfg), checkpointer

@@ -20,10 +20,12 @@ from ..checkpoint import AtomicCheckpointer, BestCheckpointer
 from ..compat import TRAINER_SAVES_TRAINER_STATE, ddp_on_any_device, restart_data_loader
 from ..data.checks import CheckedDatasetMapper
 from ..data.train_loader import ReseedEachIteration, ResumableTrainLoader, build_train_loader
+from ..device import amp_dtype
 from ..errors import UserInputError
 from ..evaluation import FastCOCOEvaluator
 from ..evaluation.metrics_file import main_metric_of
 from ..layers import non_local_blocks
+from .amp import amp_trainer_of_default_trainer
 from .divergence import (
     TrainingDivergedError,
     diverged_message,
@@ -62,15 +64,19 @@ class Trainer(DefaultTrainer):
     checked and its loader resumes where the checkpoint was
     (:mod:`~nl_detectron.data.train_loader`), so with ``SEED >= 0`` a resumed run continues
     exactly as the uninterrupted one; CPU models train in several processes (gloo); a NaN / inf
-    loss stops the run with :class:`~nl_detectron.errors.TrainingDivergedError`.
+    loss stops the run with :class:`~nl_detectron.errors.TrainingDivergedError`. With
+    ``SOLVER.AMP.ENABLED`` it trains in mixed precision, float16 or bfloat16
+    (``SOLVER.AMP.PRECISION``; :class:`~nl_detectron.engine.amp.AMPTrainer`).
 
     Everything else is detectron2's: logging with ETA (``CommonMetricPrinter``), ``metrics.json``
     and TensorBoard events in ``OUTPUT_DIR``.
     """
 
     def __init__(self, cfg: CfgNode) -> None:
-        # detectron2 wraps the model in DDP with device_ids=[rank], which CPU models reject.
-        with ddp_on_any_device():
+        # detectron2 wraps the model in DDP with device_ids=[rank], which CPU models reject, and
+        # builds an AMPTrainer of fixed precision.
+        precision = amp_dtype(cfg.SOLVER.AMP.PRECISION, "SOLVER.AMP.PRECISION")
+        with ddp_on_any_device(), amp_trainer_of_default_trainer(precision):
             super().__init__(cfg)
 
     @classmethod

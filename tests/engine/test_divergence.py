@@ -64,10 +64,12 @@ def test_checkpointer_refuses_non_finite_weights(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 
-def test_amp_on_cpu_is_refused_before_training():
+def test_float16_amp_on_cpu_is_refused_before_training():
     cfg = load_config(str(TINY_CONFIG), ["SOLVER.AMP.ENABLED", "True"])
     with pytest.raises(
-        UserInputError, match=r"AMPTrainer\) needs CUDA.*SOLVER\.AMP\.ENABLED False"
+        UserInputError,
+        match=r"float16 autocast is for GPUs.*SOLVER\.AMP\.PRECISION bfloat16.*"
+        r"SOLVER\.AMP\.ENABLED False",
     ):
         check_inputs(cfg)
 

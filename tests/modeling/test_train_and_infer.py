@@ -5,42 +5,12 @@ from __future__ import annotations
 import warnings
 
 import torch
-from detectron2.modeling import build_model
-from detectron2.structures import BitMasks, Boxes, Instances, Keypoints
 from detectron2.utils.events import EventStorage
-from tiny_detectors import tiny_cfg
+from tiny_detectors import H, W
+from tiny_detectors import nl_model_with_every_head as _model
+from tiny_detectors import synthetic_instances as _instances
 
 from nl_detectron import NonLocalBlock
-
-H, W = 96, 128
-
-
-def _instances(num: int) -> Instances:
-    inst = Instances((H, W))
-    boxes = torch.tensor([[10.0, 20.0, 60.0, 80.0], [70.0, 10.0, 120.0, 70.0]])[:num]
-    inst.gt_boxes = Boxes(boxes)
-    inst.gt_classes = torch.tensor([3, 17])[:num]
-    masks = torch.zeros(num, H, W, dtype=torch.bool)
-    keypoints = torch.zeros(num, 17, 3)
-    for i, (x0, y0, x1, y1) in enumerate(boxes.int().tolist()):
-        masks[i, y0:y1, x0:x1] = True
-        # 17 visible keypoints spread over the box
-        keypoints[i, :, 0] = torch.linspace(x0 + 2, x1 - 2, 17)
-        keypoints[i, :, 1] = torch.linspace(y0 + 2, y1 - 2, 17)
-        keypoints[i, :, 2] = 2
-    inst.gt_masks = BitMasks(masks)
-    inst.gt_keypoints = Keypoints(keypoints)
-    return inst
-
-
-def _model() -> torch.nn.Module:
-    cfg = tiny_cfg("FPN")
-    cfg.MODEL.KEYPOINT_ON = True
-    cfg.MODEL.ROI_KEYPOINT_HEAD.NAME = "NonLocalKRCNNConvDeconvUpsampleHead"
-    cfg.MODEL.ROI_MASK_HEAD.NAME = "NonLocalMaskRCNNConvUpsampleHead"
-    cfg.MODEL.NONLOCAL.MASK_HEAD_POSITIONS = [2]
-    torch.manual_seed(0)
-    return build_model(cfg)
 
 
 def test_train_step_and_inference_with_and_without_instances():
