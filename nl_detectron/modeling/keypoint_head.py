@@ -5,10 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from detectron2.config import CfgNode, configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
+from detectron2.structures import Instances
+from torch import Tensor
 
+from .keypoint_decoding import keypoint_rcnn_inference
 from .non_local_head import NonLocalHeadMixin
 
 __all__ = ["NonLocalKRCNNConvDeconvUpsampleHead"]
@@ -25,6 +29,10 @@ class NonLocalKRCNNConvDeconvUpsampleHead(NonLocalHeadMixin, KRCNNConvDeconvUpsa
     logits; R may be 0. Upstream's modules keep their names (``conv_fcn1``...,
     ``score_lowres``), so vanilla keypoint checkpoints load; the NL block after conv k is
     ``non_local_after_conv_fcn{k}``.
+
+    Inference decodes the keypoints with :mod:`.keypoint_decoding`: Detectron2's result, except
+    that logits which overflow Detectron2's decoding (docs/upstream.md, #6) still give keypoints,
+    so any trainer, evaluator or predictor gets them, never a traceback.
     """
 
     positions_key = "KEYPOINT_HEAD_POSITIONS"
@@ -66,3 +74,15 @@ class NonLocalKRCNNConvDeconvUpsampleHead(NonLocalHeadMixin, KRCNNConvDeconvUpsa
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: ShapeSpec) -> dict[str, Any]:
         return cls._non_local_from_config(cfg, super().from_config(cfg, input_shape))
+
+    def forward(self, x: Tensor, instances: list[Instances]):
+        """Training: upstream's losses. Inference: ``instances`` with ``pred_keypoints`` and
+        ``pred_keypoint_heatmaps``, decoded without overflow (:mod:`.keypoint_decoding`)."""
+        if self.training:
+            return self._losses(x, instances)
+        keypoint_rcnn_inference(self.layers(x), instances)
+        return instances
+
+    @torch.jit.unused
+    def _losses(self, x: Tensor, instances: list[Instances]) -> dict[str, Tensor]:
+        return super().forward(x, instances)
