@@ -252,7 +252,7 @@ SOURCE_FIXES: tuple[SourceFix, ...] = (
         why="NumPy >= 1.24 removed the aliases np.int/np.float/np.str/np.object (and np.bool "
         "until NumPy 2); each was exactly the Python builtin, which replaces it.",
         symptom=r"module 'numpy' has no attribute '(int|float|str|bool|object)'",
-        upstream="facebookresearch/detectron2#4975 (landed after b2948fb, 2023-06-09)",
+        upstream="facebookresearch/detectron2#4975, merged after b2948fb (2023-06-09)",
     ),
     SourceFix(
         name="caffe2 exporter import",
@@ -264,7 +264,7 @@ SOURCE_FIXES: tuple[SourceFix, ...] = (
         "gone from PyTorch 2: guard it as later Detectron2 does, so TorchScript/ONNX export "
         "import.",
         symptom=r"No module named 'caffe2'",
-        upstream="a guard added upstream between v0.6 and b2948fb (2023-06-09)",
+        upstream="a commit after v0.6, before b2948fb (2023-06-09)",
     ),
 )
 # Part of a build's identity: a change to SOURCE_FIXES rebuilds an environment built before it.
@@ -312,7 +312,7 @@ def apply_source_fixes(package_dir: Path, planned: list[PlannedFix]) -> None:
         where = ", ".join(f"detectron2/{rel}" for rel in plan.files)
         log(
             f"fixed {plan.fix.name} ({count}x in {where}): {plan.fix.why} "
-            f"Not needed from upstream {plan.fix.upstream} on."
+            f"Upstream fixed this in {plan.fix.upstream}."
         )
 
 
@@ -342,7 +342,7 @@ _PROBE_MARK = "@@detectron2-probe@@"
 _PROBE_FRAMES = 3
 _PROBE = textwrap.dedent(
     f"""
-    import importlib, json, os, sys, traceback
+    import importlib, importlib.util, json, os, sys, traceback
     if sys.path and sys.path[0] == "":
         del sys.path[0]  # a detectron2/ source tree in the working directory would shadow it
 
@@ -357,7 +357,16 @@ _PROBE = textwrap.dedent(
             if not f.filename.startswith("<frozen")
         ]
         exception = "".join(traceback.format_exception_only(type(error), error)).strip()
-        report(module=module, exception=exception, frames=frames[-{_PROBE_FRAMES}:])
+        # The module of Detectron2's that raised it (importing `module` imports many others).
+        spec = importlib.util.find_spec("detectron2")
+        root = os.path.dirname(spec.origin) if spec and spec.origin else None
+        origin = module
+        for filename, *_ in reversed(frames):
+            if root and filename.startswith(root + os.sep) and filename.endswith(".py"):
+                parts = os.path.relpath(filename[:-3], root).split(os.sep)
+                origin = ".".join(["detectron2"] + [p for p in parts if p != "__init__"])
+                break
+        report(module=module, origin=origin, exception=exception, frames=frames[-{_PROBE_FRAMES}:])
 
     try:
         import detectron2
@@ -415,6 +424,7 @@ class Detectron2Probe:
     path: str = ""
     compiled: bool = False
     module: str = ""  # the module that failed to import ("" if none did)
+    origin: str = ""  # Detectron2's module that raised (innermost), e.g. one `module` imports
     exception: str = ""  # its exception, as the last line of a traceback shows it
     frames: tuple[tuple[str, int, str, str], ...] = ()  # its last frames, innermost last
 
@@ -433,7 +443,8 @@ class Detectron2Probe:
             return "Detectron2 is not installed."
         if not self.module:
             return f"{self.describe()} is older than 0.6."
-        lines = [f"{self.module} does not import:", f"    {self.exception}"]
+        where = f", in {self.origin}" if self.origin and self.origin != self.module else ""
+        lines = [f"{self.module} does not import{where}:", f"    {self.exception}"]
         if self.frames:
             lines.append("  last frames:")
             for filename, lineno, name, line in self.frames:
@@ -457,7 +468,7 @@ def _known_fix(exception: str, source_fixes: bool | None) -> list[str]:
                     "`make env DETECTRON2_SOURCE=...` without DETECTRON2_SOURCE_FIXES=0 (or "
                     "tools/provision_detectron2.py --source without --no-source-fixes)"
                 )
-            ways = [f"update the Detectron2 source (upstream fixed this in {fix.upstream})", ours]
+            ways = [f"update the Detectron2 source: upstream fixed this in {fix.upstream}", ours]
             ways += [fix.pin] if fix.pin else []
             listed = [f"    - {way};" for way in ways[:-1]] + [f"    - {ways[-1]}."]
             return [f"  Cause: {fix.why}", "  Fix it in one of these ways:", *listed]

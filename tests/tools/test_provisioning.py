@@ -233,6 +233,7 @@ def test_a_failing_import_names_module_exception_frames_and_fix(tmp_path, monkey
     found = script.probe_detectron2(sys.executable)
     assert not found.usable
     assert found.module == "detectron2.data"
+    assert found.origin == "detectron2.data.transforms.transform"
     assert found.exception == "AttributeError: module 'PIL.Image' has no attribute 'LINEAR'"
     assert found.frames[-1][0].endswith("data/transforms/transform.py")
     assert "interp=Image.LINEAR" in found.frames[-1][3]
@@ -248,7 +249,7 @@ def test_an_old_source_built_as_it_is_fails_with_the_real_cause(fake_env, tmp_pa
         script.build_official(sys.executable, source, source_fixes=False)
     message = str(e.value)
     assert "compiled and installed, but it cannot be used" in message
-    assert "detectron2.data does not import" in message
+    assert "detectron2.data does not import, in detectron2.data.transforms.transform" in message
     assert "AttributeError: module 'PIL.Image' has no attribute 'LINEAR'" in message
     assert "transform.py" in message and "Fix it in one of these ways" in message
     assert calls == ["uninstall", "install", "uninstall"], "a failed build is removed again"
