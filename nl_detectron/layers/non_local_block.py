@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from detectron2.layers import CNNBlockBase
 from torch import Tensor, nn
 
-from .mixed_precision import float32_region
+from .mixed_precision import autocast_dtype, float32_region
 from .pairwise import make_pairwise
 from .sync_batch_norm import SyncBatchNorm
 from .tensor_ops import (
@@ -201,12 +201,11 @@ class NonLocalBlock(CNNBlockBase):
         flat = x.flatten(2)
         # Keys and values, sub-sampled: (N, C', M) each (keys (N, C, M) for the Gaussian form)
         keys, values, _ = self._keys_values(x, flat)
-        # W_z y + b_z as weight @ inputs + bias, the inputs being y of Eq. 1, or x itself (None)
+        # norm(W_z y + b_z): (N, C, *S)
         if torch.jit.is_scripting():
-            weight, bias, y = self._output_terms(flat, keys, values, x.dtype)
+            z = self._residual(flat, keys, values, list(x.shape), x.dtype)
         else:
-            weight, bias, y = self._output_terms_in_precision(flat, keys, values, x.dtype)
-        z = self._project(flat if y is None else y, list(x.shape), weight, bias)
+            z = self._residual_in_precision(flat, keys, values, list(x.shape), x.dtype)
         if z.dtype != x.dtype:  # autocast
             return x + z
         # In place: neither the norm nor W_z keeps its output for the backward pass.
@@ -249,15 +248,26 @@ class NonLocalBlock(CNNBlockBase):
         y = self.pairwise_fn(queries, keys, values, self._w_f())
         return conv_matrix(w_z.weight), w_z.bias, y.to(dtype)
 
+    def _residual(
+        self, flat: Tensor, keys: Tensor, values: Tensor, shape: list[int], dtype: torch.dtype
+    ) -> Tensor:
+        """``norm(W_z y + b_z)`` in the shape ``shape`` of x (y of Eq. 1 in ``dtype``)."""
+        weight, bias, y = self._output_terms(flat, keys, values, dtype)
+        # W_z y + b_z as weight @ inputs + bias, the inputs being y, or x itself (None)
+        return self._project(flat if y is None else y, shape, weight, bias)
+
     @torch.jit.unused
-    def _output_terms_in_precision(
-        self, flat: Tensor, keys: Tensor, values: Tensor, dtype: torch.dtype
-    ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
-        """:meth:`_output_terms`, in float32 for the forms whose products would lose their
-        float32 to autocast (:mod:`.mixed_precision`); fused attention runs under autocast."""
-        if self.pairwise_fn.computes_in_float32:
-            return float32_region(self._output_terms, flat, keys, values, dtype)
-        return self._output_terms(flat, keys, values, dtype)
+    def _residual_in_precision(
+        self, flat: Tensor, keys: Tensor, values: Tensor, shape: list[int], dtype: torch.dtype
+    ) -> Tensor:
+        """:meth:`_residual`, under autocast in float32 for the forms whose products would lose
+        their float32 to autocast (:mod:`.mixed_precision`), W_z and the norm included: their y
+        grows with the square (concatenation) or cube (dot product) of the features, so
+        ``W_z y`` could overflow float16 before the norm brings it back. Fused attention (the
+        softmax forms, whose y is an average of g) runs under autocast."""
+        if self.pairwise_fn.computes_in_float32 and autocast_dtype(flat.device.type) is not None:
+            return float32_region(self._residual, flat, keys, values, shape, torch.float32)
+        return self._residual(flat, keys, values, shape, dtype)
 
     def _keys_values(self, x: Tensor, flat: Tensor) -> tuple[Tensor, Tensor, list[int]]:
         """Sub-sampled phi(x_j) (x_j for the Gaussian form) and g(x_j).
