@@ -21,8 +21,8 @@ PYTEST_ARGS ?=
 MAIN_VENV ?= .venv-main
 MAIN_SOURCE := $(or $(DETECTRON2_SOURCE),$(wildcard ../shared/third_party/detectron2-02b5c4e.tar.gz))
 
-.PHONY: env test test-fast test-main demo-main main-source lint format demo evidence benchmark clean \
-	distclean FORCE
+.PHONY: env test test-fast test-main demo-main main-source lint format demo demo-seeds evidence \
+	benchmark gpu-wheels gpu-check clean distclean FORCE
 
 env: $(READY)
 
@@ -82,9 +82,31 @@ evidence: $(READY)
 benchmark: $(READY)
 	$(PY) benchmarks/benchmark_non_local_block.py
 
+# The demo's config with seeds 0-4 (seeds stand in for other CPUs' rounding): each run's AP, the
+# median and the range (README). Resumable: finished seeds are reused. About 17 min on 2 cores.
+demo-seeds: $(READY)
+	$(PY) benchmarks/benchmark_demo_seeds.py
+
+# A GPU machine without a package index (a cluster node, a lent cloud GPU): `make gpu-wheels`
+# here fetches and builds the wheels of what it lacks (Detectron2 and its pure-Python stack,
+# about 2 MB, for its Python GPU_PYTHON_VERSION) into .gpu/wheels; there, with the repository and
+# .gpu copied over, `make gpu-check` installs them beside its own PyTorch and runs the GPU check
+# (tools/gpu_check.py; BENCHMARKS.md, "GPU").
+GPU_PYTHON ?= python3
+GPU_PYTHON_VERSION ?= 3.12
+GPU_CHECK_OUTPUT ?= output/gpu_check
+gpu-wheels: $(READY)
+	$(PY) tools/gpu_wheels.py --output .gpu/wheels --python-version $(GPU_PYTHON_VERSION)
+
+gpu-check:
+	$(GPU_PYTHON) -m pip install -q --no-index --no-deps --no-compile --upgrade \
+		--target .gpu/site .gpu/wheels/*.whl
+	PYTHONPATH=$(CURDIR)/.gpu/site:$(CURDIR) $(GPU_PYTHON) tools/gpu_check.py \
+		--output $(GPU_CHECK_OUTPUT)
+
 clean:
 	rm -rf output .pytest_cache .ruff_cache build *.egg-info
 
 distclean: clean
 	rm -rf $(VENV) $(VENV).detectron2-source $(MAIN_VENV) $(MAIN_VENV).detectron2-source \
-		datasets/generated
+		datasets/generated .gpu

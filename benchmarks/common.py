@@ -29,14 +29,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def cpu_name() -> str:
+    """The CPU's model name, with its family and model numbers (a VM's "AMD EPYC" is Zen 2, 4
+    or 5 by them)."""
     try:
         with open("/proc/cpuinfo") as f:
-            match = re.search(r"^model name\s*:\s*(.*)$", f.read(), re.M)
-        if match:
-            return match.group(1)
+            info = f.read()
     except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+        return platform.processor() or "unknown CPU"
+    fields = {
+        key: re.search(rf"^{key}\s*:\s*(.*)$", info, re.M)
+        for key in ("model name", "cpu family", "model")
+    }
+    name = fields["model name"].group(1) if fields["model name"] else platform.processor()
+    if fields["cpu family"] and fields["model"]:
+        name += f" (family {fields['cpu family'].group(1)}, model {fields['model'].group(1)})"
+    return name or "unknown CPU"
 
 
 def device_name(device: str) -> str:

@@ -214,10 +214,12 @@ def inference_inputs(inputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # A training step and an inference; the NL blocks' inputs
 
 
-def autocast(device: str, amp: bool) -> contextlib.AbstractContextManager:
-    """fp16 autocast on CUDA with ``--amp``, else nothing."""
+def autocast(
+    device: str, amp: bool, dtype: torch.dtype = torch.float16
+) -> contextlib.AbstractContextManager:
+    """Autocast to ``dtype`` (float16 or bfloat16) on ``device`` with ``--amp``, else nothing."""
     if amp:
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast(device, dtype=dtype)
     return contextlib.nullcontext()
 
 
@@ -231,20 +233,23 @@ class Runner:
         train_inputs: list[dict[str, Any]],
         device: str,
         amp: bool,
+        precision: torch.dtype = torch.float16,
     ) -> None:
         self.model = model
         self.optimizer = build_optimizer(cfg, model)
-        self.scaler = torch.amp.GradScaler("cuda") if amp else None
+        # loss scaling for float16 only, as nl_detectron.engine.amp.AMPTrainer
+        self.scaler = torch.amp.GradScaler(device) if amp and precision == torch.float16 else None
         self.train_inputs = train_inputs
         self.test_inputs = inference_inputs(train_inputs)
         self.device = device
         self.amp = amp
+        self.precision = precision
 
     def train_step(self) -> dict[str, Tensor]:
         """Forward + backward + optimizer step; the same RoIs are sampled every time."""
         self.model.train()
         torch.manual_seed(SEED)
-        with autocast(self.device, self.amp):
+        with autocast(self.device, self.amp, self.precision):
             losses = self.model(self.train_inputs)
         loss = sum(losses.values())
         self.optimizer.zero_grad(set_to_none=True)
@@ -260,5 +265,5 @@ class Runner:
     def inference(self) -> list[dict[str, Any]]:
         """Detections for one image."""
         self.model.eval()
-        with torch.no_grad(), autocast(self.device, self.amp):
+        with torch.no_grad(), autocast(self.device, self.amp, self.precision):
             return self.model(self.test_inputs)
