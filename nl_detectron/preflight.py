@@ -69,6 +69,7 @@ def check_inputs(
             *_dataset_problems(uses),
             *_weights_problems(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, eval_only, resume, YACS_KEYS),
             *_keypoint_problems(cfg),
+            *_schedule_problems(cfg),
         ]
     )
 
@@ -337,6 +338,23 @@ def _quiet_download() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def _schedule_problems(cfg: CfgNode) -> Iterable[str]:
+    """The learning-rate schedule Detectron2 builds only once the model and data are loaded."""
+    solver = cfg.SOLVER
+    if solver.LR_SCHEDULER_NAME != "WarmupMultiStepLR":
+        return
+    # Detectron2 drops the steps beyond MAX_ITER (with a warning) and needs the others
+    # strictly increasing, or fails with fvcore's "Milestone must be smaller than start epoch".
+    steps = [s for s in solver.STEPS if s <= solver.MAX_ITER]
+    if any(b <= a for a, b in zip(steps, steps[1:])) or any(s <= 0 for s in steps):
+        yield (
+            f"SOLVER.STEPS is {tuple(solver.STEPS)}: the iterations at which the learning rate "
+            f"drops must be positive and strictly increasing (and below SOLVER.MAX_ITER "
+            f"{solver.MAX_ITER}), e.g. SOLVER.STEPS \"({int(solver.MAX_ITER * 0.75)}, "
+            f"{int(solver.MAX_ITER * 0.9)})\"."
+        )
 
 
 def _keypoint_problems(cfg: CfgNode) -> Iterable[str]:

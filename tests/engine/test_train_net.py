@@ -205,6 +205,7 @@ def test_config_errors_are_reported_without_traceback(env, tmp_path, args, expec
         (["TEST.KEYPOINT_OKS_SIGMAS", "[0.05]"], {}, "one sigma per keypoint"),
         (["MODEL.ROI_KEYPOINT_HEAD.NUM_KEYPOINTS", "17"], {}, "has 4 keypoints"),
         (["MODEL.DEVICE", "cuda"], {"num_gpus": 64}, "--num-gpus 64"),
+        (["SOLVER.MAX_ITER", "8", "SOLVER.STEPS", "(6, 6)"], {}, "SOLVER.STEPS is (6, 6)"),
     ],
 )
 def test_user_errors_name_the_value_and_the_fix(opts, kwargs, expected):
