@@ -48,8 +48,12 @@ def add_nonlocal_config(cfg: CN) -> None:
     # NL block after conv k (1-based) of the mask head. Not in the paper: none by default.
     _C.MODEL.NONLOCAL.MASK_HEAD_POSITIONS = []
     # Pairwise function f: "embedded_gaussian" (paper's default), "gaussian", "dot_product",
-    # "concatenation" (Sec. 3.2).
+    # "concatenation" (Sec. 3.2); "disentangled" (DNL, Yin et al. 2020: a whitened pairwise term
+    # plus a unary term) or "global_context" (GCNet's query-independent simplified block, Cao et
+    # al. 2019: the control that cannot relate positions).
     _C.MODEL.NONLOCAL.PAIRWISE = "embedded_gaussian"
+    # Temperature of the whitened logits of PAIRWISE "disentangled". DNL's code: 0.05.
+    _C.MODEL.NONLOCAL.TEMPERATURE = 0.05
     # Channels of theta, phi and g as a fraction of the block's input channels. Paper: 0.5.
     _C.MODEL.NONLOCAL.BOTTLENECK_RATIO = 0.5
     # Max-pool phi and g by 2x2 (Sec. 3.3). Paper: True.
@@ -90,7 +94,7 @@ def add_nonlocal_config(cfg: CN) -> None:
 def non_local_block_args(cfg: CN) -> dict[str, Any]:
     """``NonLocalBlock`` keyword arguments from ``MODEL.NONLOCAL`` (all but the channel counts):
     ``pairwise``, ``sub_sample``, ``pool_input``, ``ceil_mode``, ``scale``, ``norm`` and
-    ``init``, ``init_std``, ``gate_init``. The inner width depends
+    ``init``, ``init_std``, ``gate_init``, ``temperature``. The inner width depends
     on each block's channels and is given by ``MODEL.NONLOCAL.BOTTLENECK_RATIO``."""
     node = cfg.MODEL.NONLOCAL
     return {
@@ -104,6 +108,7 @@ def non_local_block_args(cfg: CN) -> dict[str, Any]:
         "init": node.INIT,
         "init_std": node.INIT_STD,
         "gate_init": node.GATE_INIT,
+        "temperature": node.TEMPERATURE,
     }
 
 

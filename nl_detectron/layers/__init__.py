@@ -6,9 +6,11 @@ from .non_local_block import NORMS, NonLocalBlock
 from .pairwise import (
     PAIRWISE_FUNCTIONS,
     Concatenation,
+    Disentangled,
     DotProduct,
     EmbeddedGaussian,
     Gaussian,
+    GlobalContext,
     PairwiseFunction,
 )
 from .reference import NaiveNonLocal
@@ -19,9 +21,11 @@ __all__ = [
     "NORMS",
     "PAIRWISE_FUNCTIONS",
     "Concatenation",
+    "Disentangled",
     "DotProduct",
     "EmbeddedGaussian",
     "Gaussian",
+    "GlobalContext",
     "NaiveNonLocal",
     "NonLocalBlock",
     "PairwiseFunction",

@@ -71,7 +71,9 @@ class NonLocalBlock(CNNBlockBase):
         in_channels: C, channels of the input and output.
         dim: 1, 2 or 3 spatial dimensions.
         pairwise: ``"embedded_gaussian"`` (default, the paper's), ``"gaussian"``,
-            ``"dot_product"`` or ``"concatenation"`` (Sec. 3.2).
+            ``"dot_product"`` or ``"concatenation"`` (Sec. 3.2); ``"disentangled"`` (a whitened
+            pairwise term plus a unary term, Yin et al. 2020) or ``"global_context"`` (the
+            query-independent control of GCNet, Cao et al. 2019), see :mod:`.pairwise`.
         inner_channels: C', channels of theta, phi and g; default ``in_channels // 2`` (Sec. 3.3).
         sub_sample: max-pool phi and g by 2 (1D), 2x2 (2D) or 1x2x2 (3D) (Sec. 3.3).
         pool_input: sub-sample x itself before phi and g, as FAIR's released code and
@@ -97,11 +99,13 @@ class NonLocalBlock(CNNBlockBase):
             phi gets a gradient until gamma has moved, which nothing pairwise can make it do
             (see docs/evidence.md). A small positive value (LayerScale-like) gives the pairwise
             function a gradient from the first step, for training from scratch.
+        temperature: divides the whitened logits of the disentangled form (authors' code: 0.05).
         inference_chunk_elements: the softmax forms in CPU inference compute the pairwise map in
             blocks of at most this many entries (default 2^24: 64 MB in float32).
 
     Submodules: ``theta``, ``phi`` (None for the Gaussian form, which uses x itself), ``g``,
-    ``concat_project`` (w_f of the concatenation form, else None), ``out_conv`` (W_z),
+    ``concat_project`` (w_f of the concatenation form, else None), ``conv_mask`` (w_m, the
+    1-channel 1x1 conv of the disentangled and global-context forms, else None), ``out_conv`` (W_z),
     ``out_norm`` (None without a norm) and ``pairwise_fn`` (f, no parameters). The 1x1
     convolutions are stored as ``nn.Conv{1,2,3}d`` (the usual checkpoint layout) but applied as
     matrix products over the flattened positions, the same arithmetic and faster on CPU; their
@@ -123,6 +127,7 @@ class NonLocalBlock(CNNBlockBase):
         init: str = "normal",
         init_std: float = 0.01,
         gate_init: float = 0.0,
+        temperature: float = 0.05,
         inference_chunk_elements: int = 1 << 24,
     ) -> None:
         super().__init__(in_channels, in_channels, 1)
@@ -149,7 +154,7 @@ class NonLocalBlock(CNNBlockBase):
         self.ceil_mode = ceil_mode
         self._input_layout = _INPUT_LAYOUT[dim]
         self.pairwise_fn = make_pairwise(
-            pairwise, in_channels, inner_channels, scale, inference_chunk_elements
+            pairwise, in_channels, inner_channels, scale, inference_chunk_elements, temperature
         )
         self.scale: Optional[float] = getattr(self.pairwise_fn, "scale", None)
 
@@ -162,6 +167,10 @@ class NonLocalBlock(CNNBlockBase):
         self.concat_project = (
             conv(2 * inner_channels, 1, 1, bias=False) if pairwise == "concatenation" else None
         )
+        # w_m of the unary term (disentangled) or of the context weights (global context)
+        self.conv_mask = (
+            conv(in_channels, 1, 1, bias=False) if self.pairwise_fn.uses_unary else None
+        )
         self.out_norm = _make_norm(norm, in_channels, dim)
         self.out_conv = conv(inner_channels, in_channels, 1, bias=self.out_norm is None)
         # On an empty batch a training-mode batch norm has no statistics: it is skipped there,
@@ -169,7 +178,14 @@ class NonLocalBlock(CNNBlockBase):
         self._batch_norm = isinstance(self.out_norm, nn.modules.batchnorm._BatchNorm)
         self._sync_norm = isinstance(self.out_norm, SyncBatchNorm)
 
-        for layer in (self.theta, self.phi, self.g, self.concat_project, self.out_conv):
+        for layer in (
+            self.theta,
+            self.phi,
+            self.g,
+            self.concat_project,
+            self.conv_mask,
+            self.out_conv,
+        ):
             if layer is not None:
                 if init == "msra":
                     nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
@@ -270,9 +286,10 @@ class NonLocalBlock(CNNBlockBase):
         return self._residual(flat, keys, values, shape, dtype)
 
     def _keys_values(self, x: Tensor, flat: Tensor) -> tuple[Tensor, Tensor, list[int]]:
-        """Sub-sampled phi(x_j) (x_j for the Gaussian form) and g(x_j).
+        """Sub-sampled keys and g(x_j): phi(x_j) (x_j for the Gaussian form), with the unary
+        logits ``w_m^T x_j`` of ``conv_mask`` as the last row for the forms that have one.
 
-        ``(N, C, *S), (N, C, HW) -> (N, C', M), (N, C', M)`` and the sub-sampled grid ``S'``,
+        ``(N, C, *S), (N, C, HW) -> (N, K, M), (N, C', M)`` and the sub-sampled grid ``S'``,
         ``M = prod(S')``. The embeddings are pooled, or with ``pool_input`` computed from the
         pooled x.
         """
@@ -282,8 +299,8 @@ class NonLocalBlock(CNNBlockBase):
             source, pool_after = self._pool(x), False
             flat = source.flatten(2)
         spatial = list(source.shape[2:])
-        if self.phi is None:
-            # (N, C', L) -> (N, C', *S)
+        if self.phi is None and self.conv_mask is None:
+            # The Gaussian form compares x itself: (N, C', L) -> (N, C', *S)
             values = pointwise(self.g.weight, self.g.bias, flat)
             values = values.view([x.shape[0], self.inner_channels] + spatial)
             keys = source
@@ -291,18 +308,32 @@ class NonLocalBlock(CNNBlockBase):
                 keys, values = self._pool(keys), self._pool(values)
             # (N, C, *S') -> (N, C, M)
             return keys.flatten(2), values.flatten(2), list(values.shape[2:])
-        # phi and g in one product: (N, C, L) -> (N, 2C', L) -> (N, 2C', *S)
-        phi_bias, g_bias = self.phi.bias, self.g.bias
-        assert phi_bias is not None and g_bias is not None
-        weight = torch.cat([self.phi.weight, self.g.weight])
-        both = pointwise(weight, torch.cat([phi_bias, g_bias]), flat)
-        both = both.view([x.shape[0], 2 * self.inner_channels] + spatial)
+        # The embeddings in one product, keys first: phi (C'), the unary logits of conv_mask (1),
+        # then g (C'): (N, C, L) -> (N, K + C', L) -> (N, K + C', *S)
+        weights: list[Tensor] = []
+        biases: list[Tensor] = []
+        g_bias = self.g.bias
+        assert g_bias is not None
+        if self.phi is not None:
+            phi_bias = self.phi.bias
+            assert phi_bias is not None
+            weights.append(self.phi.weight)
+            biases.append(phi_bias)
+        if self.conv_mask is not None:
+            weights.append(self.conv_mask.weight)
+            biases.append(g_bias.new_zeros(1))  # a bias would shift every logit alike
+        weights.append(self.g.weight)
+        biases.append(g_bias)
+        weight = torch.cat(weights)
+        stacked = pointwise(weight, torch.cat(biases), flat)
+        stacked = stacked.view([x.shape[0], weight.shape[0]] + spatial)
         if pool_after:
-            both = self._pool(both)
-        key_shape = list(both.shape[2:])
-        # (N, 2C', *S') -> (N, 2C', M) -> (N, C', M) x 2
-        both = both.flatten(2)
-        return both[:, : self.inner_channels], both[:, self.inner_channels :], key_shape
+            stacked = self._pool(stacked)
+        key_shape = list(stacked.shape[2:])
+        # (N, K + C', *S') -> (N, K + C', M) -> (N, K, M), (N, C', M)
+        stacked = stacked.flatten(2)
+        split = stacked.shape[1] - self.inner_channels
+        return stacked[:, :split], stacked[:, split:], key_shape
 
     def _pool(self, t: Tensor) -> Tensor:
         """Max-pool by 2 (1D), 2x2 (2D) or 1x2x2 (3D), partial windows kept with ``ceil_mode``."""
@@ -383,11 +414,12 @@ class NonLocalBlock(CNNBlockBase):
 
     @torch.jit.unused
     def _affinity(self, x: Tensor, query_index: Tensor) -> tuple[Tensor, list[int]]:
-        # (N, C, *S) -> (N, C, HW) -> (N, C, Q)
+        # (N, C, *S) -> (N, C, HW)
         flat = x.flatten(2)
-        chosen = flat[:, :, query_index.to(device=x.device, dtype=torch.long)]
         keys, _, key_shape = self._keys_values(x, flat)
+        # every query embedded (the disentangled form whitens by their mean), Q of them kept
         queries = self.pairwise_fn.embed_queries(
-            chosen, self._theta_weight(), self._theta_bias(), self._w_f()
+            flat, self._theta_weight(), self._theta_bias(), self._w_f()
         )
+        queries = queries[..., query_index.to(device=x.device, dtype=torch.long)]
         return self.pairwise_fn.rows(queries, keys, self._w_f()), key_shape

@@ -23,14 +23,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import fused_attention
+from .mixed_precision import float32_region
 from .tensor_ops import conv_matrix, pointwise, rows, upcast
 
 __all__ = [
     "PAIRWISE_FUNCTIONS",
     "Concatenation",
+    "Disentangled",
     "DotProduct",
     "EmbeddedGaussian",
     "Gaussian",
+    "GlobalContext",
     "PairwiseFunction",
     "make_pairwise",
 ]
@@ -45,6 +48,9 @@ class PairwiseFunction(nn.Module):
     """
 
     uses_embeddings = True  # theta and phi; False: x itself (the Gaussian form)
+    # A 1x1 conv of x to one channel, ``conv_mask``, whose logits at the key positions are the last
+    # row of ``keys`` (the unary term of the disentangled form, GCNet's context mask).
+    uses_unary = False
     # Its products must stay float32 under autocast (sums that fp16 would overflow or round away);
     # False: it takes half-precision inputs (fused attention accumulates in float32 itself).
     computes_in_float32 = False
@@ -108,6 +114,11 @@ class _Softmax(PairwiseFunction):
         self.query_channels, self.value_channels = query_channels, value_channels
 
     def forward(self, queries: Tensor, keys: Tensor, values: Tensor, w_f: Optional[Tensor]):
+        return self._attend(queries, keys, values)
+
+    def _attend(self, queries: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+        """``sum_j softmax_j(scale q_i^T k_j) v_j``: ``(N, Cq, HW), (N, Cq, M), (N, C', M) ->
+        (N, C', HW)``."""
         if self.export:
             # (N, Cq, HW)^T @ (N, Cq, M) -> (N, HW, M), softmax over M, @ (N, M, C') -> (N, HW, C')
             weights = torch.softmax(
@@ -119,7 +130,10 @@ class _Softmax(PairwiseFunction):
             and queries.device.type == "cpu"
             and not (queries.requires_grad or keys.requires_grad or values.requires_grad)
         ):
-            return self._in_chunks(queries, keys, values)
+            if torch.jit.is_scripting():
+                return self._in_chunks(queries, keys, values)
+            # float32 products also under autocast (which would cast them back to half)
+            return float32_region(self._in_chunks, queries, keys, values)
         cq, cv = self.query_channels, self.value_channels
         width = max(cq, cv)
         # (N, C', L) -> (N, 1, L, width): one attention head, positions as rows
@@ -310,7 +324,129 @@ class Concatenation(PairwiseFunction):
         return F.relu(queries[:, :, None] + b[:, None, :]) / keys.shape[2]
 
 
-PAIRWISE_FUNCTIONS = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+class Disentangled(_Softmax):
+    """The disentangled non-local block (Yin et al., ECCV 2020): a whitened pairwise term and a
+    unary term, each a softmax over the keys,
+
+        ``f_ij = softmax_j(s / T (theta_i - mu_theta)^T (phi_j - mu_phi))
+        + softmax_j(w_m^T x_j)``
+
+    with s the logit scale, the means over the query and the key positions of each sample, T the
+    temperature
+    (0.05 in the authors' code) and ``w_m`` the block's ``conv_mask``. The authors find that the
+    whitened term learns relations between positions (within regions), while the unary term
+    carries the query-independent saliency that otherwise swamps it (GCNet's global context).
+    ``C(x) = 1``: each term sums to 1 over j.
+
+    Trick: the pairwise term is fused attention on whitened queries and keys (never the
+    ``HW x M`` map); the unary term is one ``(C', M) @ (M,)`` product per sample, the same for
+    every query. ``keys`` is ``(N, C' + 1, M)``: phi and, last, the unary logits.
+    """
+
+    uses_unary = True
+
+    def __init__(
+        self,
+        scale: float,
+        temperature: float,
+        chunk_elements: int,
+        query_channels: int,
+        value_channels: int,
+    ) -> None:
+        super().__init__(scale / temperature, chunk_elements, query_channels, value_channels)
+        self.temperature = temperature
+
+    def embed_queries(
+        self,
+        x: Tensor,
+        theta_weight: Optional[Tensor],
+        theta_bias: Optional[Tensor],
+        w_f: Optional[Tensor],
+    ) -> Tensor:
+        """``theta(x_i) - mu_theta`` over all positions of ``x``: ``(N, C, HW) -> (N, C', HW)``."""
+        assert theta_weight is not None
+        queries = pointwise(theta_weight, theta_bias, x)
+        return queries - queries.mean(dim=2, keepdim=True)
+
+    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, w_f: Optional[Tensor]):
+        phi, unary = self._split(keys)
+        # whitened pairwise term + unary term: (N, C', HW) + (N, C', 1)
+        return self._attend(queries, phi, values) + _softmax_average(unary, values)
+
+    def _split(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """``(N, C' + 1, M) -> (N, C', M)`` whitened phi and ``(N, M)`` unary logits."""
+        phi = keys[:, : self.query_channels]
+        return phi - phi.mean(dim=2, keepdim=True), keys[:, self.query_channels]
+
+    @torch.jit.unused
+    def rows(self, queries: Tensor, keys: Tensor, w_f: Optional[Tensor]) -> Tensor:
+        """The mean of the two terms (rows summing to 1): ``(N, Q, M)``."""
+        pairwise, unary = self.terms(queries, keys)
+        return (pairwise + unary) / 2
+
+    @torch.jit.unused
+    def terms(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """The whitened pairwise term ``(N, Q, M)`` and the unary term ``(N, Q, M)`` (the same row
+        for every query), each summing to 1 over the keys."""
+        phi, unary = self._split(keys)
+        pairwise = super().rows(queries, phi, None)
+        unary = torch.softmax(upcast(unary), dim=1)
+        return pairwise, unary[:, None, :].expand_as(pairwise)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale * self.temperature:.4g}, temperature={self.temperature:g}"
+
+
+class GlobalContext(PairwiseFunction):
+    """The query-independent control: GCNet's simplified non-local block (Cao et al., 2019),
+    ``f_ij = softmax_j(w_m^T x_j)``, the same weights for every query i, ``C(x) = 1``; W_z and the
+    norm follow as in the other forms.
+
+    What a non-local block computes when its attention does not depend on the query (GCNet's
+    finding on COCO): one context vector per image. A relation between positions is what the
+    other forms can compute and this one cannot. ``keys`` is ``(N, 1, M)``: the logits of the
+    block's ``conv_mask``; no theta or phi.
+    """
+
+    uses_embeddings = False
+    uses_unary = True
+
+    def embed_queries(
+        self,
+        x: Tensor,
+        theta_weight: Optional[Tensor],
+        theta_bias: Optional[Tensor],
+        w_f: Optional[Tensor],
+    ) -> Tensor:
+        """Only the number of query positions matters: ``(N, C, HW) -> (N, 0, HW)``."""
+        return x[:, :0]
+
+    def forward(self, queries: Tensor, keys: Tensor, values: Tensor, w_f: Optional[Tensor]):
+        # (N, C', 1) -> (N, C', HW): one context vector, the same at every position
+        context = _softmax_average(keys[:, 0], values)
+        return context.expand(-1, -1, queries.shape[2])
+
+    @torch.jit.unused
+    def rows(self, queries: Tensor, keys: Tensor, w_f: Optional[Tensor]) -> Tensor:
+        weights = torch.softmax(upcast(keys[:, 0]), dim=1)
+        return weights[:, None, :].expand(-1, queries.shape[2], -1)
+
+
+def _softmax_average(logits: Tensor, values: Tensor) -> Tensor:
+    """``sum_j softmax_j(logits_j) v_j``: ``(N, M), (N, C', M) -> (N, C', 1)``."""
+    weights = torch.softmax(upcast(logits), dim=1)
+    # (N, C', M) @ (N, M, 1) -> (N, C', 1)
+    return upcast(values) @ weights.unsqueeze(2)
+
+
+PAIRWISE_FUNCTIONS = (
+    "embedded_gaussian",
+    "gaussian",
+    "dot_product",
+    "concatenation",
+    "disentangled",
+    "global_context",
+)
 
 
 def make_pairwise(
@@ -319,13 +455,22 @@ def make_pairwise(
     inner_channels: int,
     scale: Optional[float],
     chunk_elements: int,
+    temperature: float = 0.05,
 ) -> PairwiseFunction:
     """The pairwise function ``name`` of a block with ``channels`` and ``inner_channels``;
     ``scale`` None is the released code's default (``C' ** -0.5``, or ``C ** -0.5`` for the
-    Gaussian form, whose logits are dot products of raw C-channel features)."""
+    Gaussian form, whose logits are dot products of raw C-channel features); ``temperature``
+    divides the whitened logits of the disentangled form."""
     if name == "embedded_gaussian":
         scale = inner_channels**-0.5 if scale is None else scale
         return EmbeddedGaussian(scale, chunk_elements, inner_channels, inner_channels)
+    if name == "disentangled":
+        if not temperature > 0:
+            raise ValueError(f"temperature must be positive; got temperature={temperature}.")
+        scale = inner_channels**-0.5 if scale is None else scale
+        return Disentangled(scale, temperature, chunk_elements, inner_channels, inner_channels)
+    if name == "global_context":
+        return GlobalContext()
     if name == "gaussian":
         scale = channels**-0.5 if scale is None else scale
         return Gaussian(scale, chunk_elements, channels, inner_channels)

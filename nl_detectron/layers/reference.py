@@ -4,6 +4,8 @@ against. It shares the block's weights."""
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,13 +45,15 @@ class NaiveNonLocal(nn.Module):
         source = pool(x) if b.sub_sample and b.pool_input else x
         phi = source if b.phi is None else b.phi(source)
         g = b.g(source)
+        # the unary logits w_m^T x_j (disentangled, global context)
+        unary = g[:, :1] if b.conv_mask is None else b.conv_mask(source)
         if b.sub_sample and not b.pool_input:
-            phi, g = pool(phi), pool(g)
+            phi, g, unary = pool(phi), pool(g), pool(unary)
         # (N, C', *S) -> (N, C', HW); (N, C', *S') -> (N, C', M)
         theta, phi = theta.flatten(2), phi.flatten(2)
         # (N, C', *S') -> (N, C', M) -> (N, M, C')
         g = g.flatten(2).transpose(1, 2)
-        f = self.pairwise_map(theta, phi)
+        f = self.pairwise_map(theta, phi, unary.flatten(1))
         # (N, HW, M) @ (N, M, C') -> (N, HW, C') -> (N, C', HW) -> (N, C', *S)
         y = (f @ g).transpose(1, 2).reshape(batch, -1, *spatial)
         z = b.out_conv(y)
@@ -57,13 +61,25 @@ class NaiveNonLocal(nn.Module):
             z = b.out_norm(z)
         return x + z
 
-    def pairwise_map(self, theta: Tensor, phi: Tensor) -> Tensor:
-        """``f(x_i, x_j) / C(x)``: ``(N, C', HW), (N, C', M) -> (N, HW, M)``."""
+    def pairwise_map(self, theta: Tensor, phi: Tensor, unary: Optional[Tensor] = None) -> Tensor:
+        """``f(x_i, x_j) / C(x)``: ``(N, C', HW), (N, C', M), (N, M) -> (N, HW, M)`` (``unary``:
+        the logits ``w_m^T x_j`` of the disentangled and global-context forms)."""
         b = self.block
         m = phi.shape[2]
         if b.pairwise in ("embedded_gaussian", "gaussian"):
             # (N, C', HW) -> (N, HW, C'); (N, HW, C') @ (N, C', M) -> (N, HW, M)
             return torch.softmax(theta.transpose(1, 2) @ phi * b.scale, dim=2)
+        if b.pairwise in ("disentangled", "global_context"):
+            assert unary is not None
+            # (N, M) -> (N, 1, M) -> (N, HW, M): the same weights for every query
+            weights = torch.softmax(unary, dim=1)[:, None, :].expand(-1, theta.shape[2], -1)
+            if b.pairwise == "global_context":
+                return weights
+            # whitened: the means over the query and the key positions removed
+            theta = theta - theta.mean(dim=2, keepdim=True)
+            phi = phi - phi.mean(dim=2, keepdim=True)
+            logits = theta.transpose(1, 2) @ phi * (b.pairwise_fn.scale)
+            return torch.softmax(logits, dim=2) + weights
         if b.pairwise == "dot_product":
             return theta.transpose(1, 2) @ phi / m
         w_f = b.concat_project.weight.flatten()

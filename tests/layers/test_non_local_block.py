@@ -10,9 +10,9 @@ from detectron2.layers import CNNBlockBase
 from torch import nn
 from training_runs import REPO
 
-from nl_detectron.layers import NaiveNonLocal, NonLocalBlock, SyncBatchNorm
+from nl_detectron.layers import PAIRWISE_FUNCTIONS, NaiveNonLocal, NonLocalBlock, SyncBatchNorm
 
-PAIRWISE = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
+PAIRWISE = PAIRWISE_FUNCTIONS
 SOFTMAX_FORMS = ("embedded_gaussian", "gaussian")
 # Spatial sizes per dim: odd sizes, and sizes of 1 (smaller than the pool window).
 SIZES = {
@@ -157,12 +157,14 @@ def test_default_and_paper_scale(pairwise):
         assert block.scale == 4**-0.5  # released code: inner ** -0.5
     elif pairwise == "gaussian":
         assert block.scale == 16**-0.5  # raw x_i^T x_j over the 16 input channels
+    elif pairwise == "disentangled":  # the released scale, over the temperature of DNL's code
+        assert block.scale == pytest.approx(4**-0.5 / 0.05)
     else:
         assert block.scale is None
-    if pairwise in SOFTMAX_FORMS:
+    if pairwise in (*SOFTMAX_FORMS, "disentangled"):
         paper = randomise(NonLocalBlock(16, pairwise=pairwise, scale=1.0)).double()
         x = make_input(2, (3, 4), channels=16) * 0.3
-        assert paper.scale == 1.0
+        assert paper.scale == (1.0 if pairwise in SOFTMAX_FORMS else pytest.approx(1 / 0.05))
         torch.testing.assert_close(paper(x), reference_forward(paper, x))
 
 
@@ -390,9 +392,23 @@ def test_affinity_rows(pairwise, sub_sample):
     phi = x if block.phi is None else block.phi(x)
     if sub_sample:
         phi = F.max_pool2d(phi, 2, 2, ceil_mode=True)
+    if block.conv_mask is not None:  # the unary logits w_m^T x_j at the keys
+        unary = block.conv_mask(x)
+        unary = F.max_pool2d(unary, 2, 2, ceil_mode=True) if sub_sample else unary
+        unary = torch.softmax(unary.flatten(1), dim=1)[:, None, :].expand(-1, 3, -1)
+    if pairwise == "disentangled":  # whitened over all positions, then the chosen queries
+        theta = theta.flatten(2) - theta.flatten(2).mean(2, keepdim=True)
+        phi = phi.flatten(2) - phi.flatten(2).mean(2, keepdim=True)
+        theta = theta.view(2, -1, 5, 6)
     theta, phi = theta.flatten(2)[:, :, query_index], phi.flatten(2)
     m = phi.shape[2]
-    if pairwise in SOFTMAX_FORMS:
+    if pairwise == "global_context":
+        expected = unary
+    elif pairwise == "disentangled":  # the mean of the two terms
+        pairwise_term = torch.softmax(block.scale * theta.transpose(1, 2) @ phi, dim=2)
+        expected = (pairwise_term + unary) / 2
+        torch.testing.assert_close(rows.sum(2), torch.ones(2, 3, dtype=rows.dtype))
+    elif pairwise in SOFTMAX_FORMS:
         expected = torch.softmax(block.scale * theta.transpose(1, 2) @ phi, dim=2)
         torch.testing.assert_close(rows.sum(2), torch.ones(2, 3, dtype=rows.dtype))
     elif pairwise == "dot_product":
