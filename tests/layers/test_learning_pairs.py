@@ -36,11 +36,11 @@ def _maps(n: int, gen: torch.Generator):
     return x.view(n, CHANNELS, SIDE, SIDE), positions, categories
 
 
-def _train(init: str) -> tuple[float, float]:
-    """Partner mass (mean over queries) and accuracy after a short SGD run."""
+def _trained(init: str, **block_args) -> tuple[NonLocalBlock, torch.nn.Linear]:
+    """A block and a linear classifier of its output at the queries, after a short SGD run."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    block = NonLocalBlock(CHANNELS, sub_sample=False, init=init)
+    block = NonLocalBlock(CHANNELS, sub_sample=False, init=init, **block_args)
     head = torch.nn.Linear(CHANNELS, 3)
     optimizer = torch.optim.SGD([*block.parameters(), *head.parameters()], lr=0.1, momentum=0.9)
     for _ in range(STEPS):
@@ -52,7 +52,12 @@ def _train(init: str) -> tuple[float, float]:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    block.eval()
+    return block.eval(), head
+
+
+def _train(init: str) -> tuple[float, float]:
+    """Partner mass (mean over queries) and accuracy after a short SGD run."""
+    block, head = _trained(init)
     x, positions, categories = _maps(64, torch.Generator().manual_seed(99))
     with torch.no_grad():
         masses = []
@@ -79,3 +84,31 @@ def test_attention_stays_uniform_with_the_released_init():
     mass, accuracy = _train("normal")
     assert mass == pytest.approx(UNIFORM, rel=0.05)
     assert accuracy < 0.55
+
+
+def test_disentangled_pairwise_term_carries_the_partner():
+    # DNL's whitened pairwise term relates each query to its own key; its unary term, the same
+    # for every query, cannot tell the two keys apart (GCNet's global context is all it can be).
+    # Temperature 0.2 with unit-variance logits (0.05, DNL's, makes them near one-hot here).
+    block, head = _trained("fan_in", pairwise="disentangled", temperature=0.2)
+    x, positions, _ = _maps(64, torch.Generator().manual_seed(99))
+    partner, decoy, unary_partner, unary_decoy = [], [], [], []
+    with torch.no_grad():
+        for i in range(64):
+            flat = x[i : i + 1].flatten(2)
+            keys, _, _ = block._keys_values(x[i : i + 1], flat)
+            queries = block.pairwise_fn.embed_queries(
+                flat, block.theta.weight, block.theta.bias, None
+            )
+            pairwise, unary = block.pairwise_fn.terms(queries[..., positions[i, :2]], keys)
+            for j in range(2):
+                own, other = positions[i, 2 + j], positions[i, 3 - j]
+                partner.append(float(pairwise[0, j, own]))
+                decoy.append(float(pairwise[0, j, other]))
+                unary_partner.append(float(unary[0, j, own]))
+                unary_decoy.append(float(unary[0, j, other]))
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    assert mean(partner) > 3 * UNIFORM and mean(partner) > 3 * mean(decoy), (partner, decoy)
+    # over both queries of a map, the unary term gives each key the same mass as partner and
+    # as decoy: it carries none of the relation
+    assert mean(unary_partner) == pytest.approx(mean(unary_decoy))
