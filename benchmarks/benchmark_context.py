@@ -1,17 +1,19 @@
 #!/usr/bin/env python
-"""Evidence that the non-local block uses context far away: the context configs trained, baseline
-and NL identically, on every variant of the bundled context data (nl_detectron.data.context),
-with a table of the final box / mask AP, the NL gains, the attention statistics of the NL
-models (mass on the cue, entropy, query dependence) and attention maps.
+"""Evidence that the non-local block uses context far away: the context configs trained
+identically, without a block (baseline), with GCNet's query-independent block (gc), the
+non-local block (nl) and the disentangled one (dnl), on every variant of the bundled context
+data (nl_detectron.data.context), with a table of the final box / mask AP, the gains over the
+baseline, the attention statistics of the block models (mass on the cue and on the decoy,
+entropy, query dependence) and attention maps.
 
-    python benchmarks/benchmark_context.py                        # 4 variants x 2 seeds x 2 models
-    python benchmarks/benchmark_context.py --variants pair --seeds 0 --output output/evidence
+    python benchmarks/benchmark_context.py                        # 4 variants x 2 seeds x 4 models
+    python benchmarks/benchmark_context.py --variants pair --seeds 0 --models baseline nl
     python benchmarks/benchmark_context.py --quick                 # a smoke run (minutes)
 
 Runs go to ``OUTPUT/<variant>/<model>_seed<k>``; a finished run (``model_final.pth`` and an
 evaluation in ``metrics.json``) is reused, so the script can be resumed. Results:
 ``OUTPUT/results.json`` (variants of earlier calls into OUTPUT kept) and
-``OUTPUT/attention_<variant>_<k>.png`` (the first validation images).
+``OUTPUT/<model>/attention_<variant>_<k>.png`` (the first validation images).
 """
 
 from __future__ import annotations
@@ -30,10 +32,14 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from common import cpu_name, git_revision, load_average  # noqa: E402
 
 VARIANTS = ("image", "pair", "image_local", "pair_local")
+# The models compared: no block, GCNet's query-independent control, the non-local block, DNL.
 CONFIGS = {
     "baseline": REPO / "configs" / "context" / "mask_rcnn_baseline_context.yaml",
+    "gc": REPO / "configs" / "context" / "mask_rcnn_gc_context.yaml",
     "nl": REPO / "configs" / "context" / "mask_rcnn_nl_context.yaml",
+    "dnl": REPO / "configs" / "context" / "mask_rcnn_dnl_context.yaml",
 }
+BLOCK_MODELS = ("gc", "nl", "dnl")  # the models with a block, whose attention is measured
 ATTENTION_IMAGES = 3  # validation images drawn with the NL model's attention, per variant
 REACH_IMAGES = 20  # validation images on which the baseline's receptive field is measured
 # What each distant-cue variant is compared with: the same geometry, the cue on the object.
@@ -164,45 +170,61 @@ def _aps(entry: dict) -> str:
 
 
 def table(results: dict) -> str:
+    """One row per variant and model: AP, the gain over the baseline, the attention of the
+    model's first block (the first seed's run)."""
     lines = [
-        "| variant | baseline box / mask AP | NL box / mask AP | NL - baseline (box) | "
-        "cue mass (uniform) | decoy mass | entropy | query dependence | gate |",
+        "| variant | model | box / mask AP | - baseline (box) | cue mass (uniform) | decoy mass | "
+        "entropy | query dependence | gate |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, entry in results["variants"].items():
-        base, nl = entry["baseline"], entry["nl"]
-        stats = entry.get("attention") or [{}]
-        s = stats[0]
-        lines.append(
-            f"| {variant} | {_aps(base)} | {_aps(nl)} | {nl['bbox'] - base['bbox']:+.1f} | "
-            f"{s.get('cue_mass', float('nan')):.3f} ({s.get('uniform_mass', float('nan')):.3f}) | "
-            f"{_cell(s.get('decoy_mass'))} | "
-            f"{s.get('entropy', float('nan')):.2f} | {s.get('query_dependence', float('nan')):.2f} "
-            f"| {s.get('gate', float('nan')):.3f} |"
-        )
+        base = entry.get("baseline")
+        for model in CONFIGS:
+            if model not in entry:
+                continue
+            run = entry[model]
+            gain = f"{run['bbox'] - base['bbox']:+.1f}" if base and model != "baseline" else "-"
+            s = (run.get("attention") or [{}])[0]
+            uniform = f" ({_cell(s.get('uniform_mass'))})" if s else ""
+            lines.append(
+                f"| {variant} | {model} | {_aps(run)} | {gain} | {_cell(s.get('cue_mass'))}"
+                f"{uniform} | {_cell(s.get('decoy_mass'))} | {_cell(s.get('entropy'))} | "
+                f"{_cell(s.get('query_dependence'))} | {_cell(s.get('gate'))} |"
+            )
     return "\n".join(lines)
 
 
 def targets(results: dict) -> list[str]:
-    """The targets, measured: NL closes half the gap to the local control on both
-    distant-cue variants, and loses at most 1 AP on the local controls."""
+    """The targets, measured: each block model closes half the gap to the local control on the
+    distant-cue variants (and on ``pair`` does it with a relation: cue mass at least 3x the decoy
+    mass, query dependence at least 0.3), and loses at most 1 AP on the local controls."""
     v = results["variants"]
     out = []
     for distant, local in LOCAL_CONTROL.items():
         if distant in v and local not in v:
             out.append(f"{distant}: target not measured: {local} (its local control) not run")
-        if distant in v and local in v:
-            base, nl, ctl = (
-                v[distant]["baseline"]["bbox"],
-                v[distant]["nl"]["bbox"],
-                v[local]["baseline"]["bbox"],
+        if distant not in v or local not in v or "baseline" not in v[distant]:
+            continue
+        base, ctl = v[distant]["baseline"]["bbox"], v[local]["baseline"]["bbox"]
+        half = 0.5 * (ctl - base)
+        for model in BLOCK_MODELS:
+            if model not in v[distant]:
+                continue
+            gain = v[distant][model]["bbox"] - base
+            line = (
+                f"{distant}: {model} - baseline {gain:+.1f} vs half the gap to {local} "
+                f"{half:.1f}: {'met' if gain >= half else 'NOT met'}"
             )
-            half = 0.5 * (ctl - base)
-            ok = nl - base >= half
-            out.append(
-                f"{distant}: NL - baseline {nl - base:+.1f} vs half the gap to {local} "
-                f"{half:.1f}: {'met' if ok else 'NOT met'}"
-            )
+            stats = (v[distant][model].get("attention") or [{}])[0]
+            if distant == "pair" and stats:
+                ratio = stats["cue_mass"] / max(stats["decoy_mass"], 1e-9)
+                relation = ratio >= 3 and stats["query_dependence"] >= 0.3
+                line += (
+                    f"; cue / decoy mass {ratio:.2f}, query dependence "
+                    f"{stats['query_dependence']:.2f} (>= 3, >= 0.3): "
+                    f"{'met' if relation else 'NOT met'}"
+                )
+            out.append(line)
     for variant, entry in v.items():
         if "baseline_reach" in entry:
             r = entry["baseline_reach"]
@@ -212,10 +234,13 @@ def targets(results: dict) -> list[str]:
                 "reached"
             )
     for local in LOCAL_CONTROL.values():
-        if local in v:
-            delta = v[local]["nl"]["bbox"] - v[local]["baseline"]["bbox"]
-            out.append(f"{local}: NL - baseline {delta:+.1f} (target >= -1): "
-                       f"{'met' if delta >= -1 else 'NOT met'}")  # fmt: skip
+        if local not in v or "baseline" not in v[local]:
+            continue
+        for model in BLOCK_MODELS:
+            if model in v[local]:
+                delta = v[local][model]["bbox"] - v[local]["baseline"]["bbox"]
+                out.append(f"{local}: {model} - baseline {delta:+.1f} (target >= -1): "
+                           f"{'met' if delta >= -1 else 'NOT met'}")  # fmt: skip
     return out
 
 
@@ -223,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     parser.add_argument("--output", default="output/evidence", type=Path)
     parser.add_argument("--attention-images", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="20 iterations: a smoke run")
@@ -256,25 +282,26 @@ def main() -> None:
         return
     results["revision"] = git_revision()
     for variant in args.variants:
-        entry: dict = {}
-        for model, config in CONFIGS.items():
+        # models of an earlier call into the same output are kept beside these
+        entry: dict = results["variants"].get(variant, {})
+        for model in args.models:
             aps = []
             for seed in args.seeds:
                 directory = run_dir(args.output, variant, model, seed)
-                seconds = train(directory, config, variant, seed, extra)
+                seconds = train(directory, CONFIGS[model], variant, seed, extra)
                 ap = final_ap(directory)
                 print(f"{variant:12s} {model:8s} seed {seed}: box AP {ap['bbox']:.1f}, mask AP "
                       f"{ap['segm']:.1f} ({seconds / 60:.1f} min)", flush=True)  # fmt: skip
                 aps.append(ap)
             entry[model] = {k: sum(a[k] for a in aps) / len(aps) for k in ("bbox", "segm")}
             entry[model]["per_seed"] = aps
-        first = run_dir(args.output, variant, "nl", args.seeds[0])
-        entry["attention"] = attention(first, variant, args.attention_images)
-        entry["baseline_reach"] = baseline_reach(
-            run_dir(args.output, variant, "baseline", args.seeds[0]), variant, REACH_IMAGES
-        )
-        if variant in LOCAL_CONTROL:
-            draw(first, variant, args.output, ATTENTION_IMAGES)
+            first = run_dir(args.output, variant, model, args.seeds[0])
+            if model in BLOCK_MODELS:
+                entry[model]["attention"] = attention(first, variant, args.attention_images)
+                if variant in LOCAL_CONTROL:
+                    draw(first, variant, args.output / model, ATTENTION_IMAGES)
+            elif model == "baseline":
+                entry["baseline_reach"] = baseline_reach(first, variant, REACH_IMAGES)
         results["variants"][variant] = entry
         results_path.write_text(json.dumps(results, indent=2))
     print(table(results))

@@ -51,7 +51,7 @@ def _flat(node: CfgNode, prefix: str = "") -> dict[str, object]:
 
 def _baseline_of(path: Path) -> Path | None:
     stem = path.stem
-    for suffix in ("_nl_head_only", "_nl"):
+    for suffix in ("_nl_head_only", "_dnl", "_gc", "_nl"):
         if suffix in stem:
             return path.with_name(stem.replace(suffix, "_baseline") + path.suffix)
     return None

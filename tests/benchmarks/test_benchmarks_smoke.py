@@ -82,14 +82,15 @@ def test_profile_investigation_quick_size() -> None:
 @pytest.mark.slow
 def test_context_quick(tmp_path: Path) -> None:
     out = run_script("benchmark_context.py", "--variants", "pair", "--seeds", "0",
-                     "--output", str(tmp_path))  # fmt: skip
+                     "--models", "baseline", "nl", "--output", str(tmp_path))  # fmt: skip
     for model in ("baseline", "nl"):
         assert re.search(rf"^pair +{model} +seed 0: box AP [\d.]+, mask AP [\d.]+", out, re.M), out
-    (row,) = table_rows(out, "pair")
-    assert len(row.split("|")) == 11, row  # variant, two APs, gain and five attention columns
-    assert all((tmp_path / f"attention_pair_{k}.png").stat().st_size > 0 for k in range(3))
+    rows = table_rows(out, "pair")
+    assert [r.split("|")[2].strip() for r in rows] == ["baseline", "nl"], rows
+    assert all(len(r.split("|")) == 11 for r in rows), rows  # variant, model, AP, gain, 5 stats
+    assert all((tmp_path / "nl" / f"attention_pair_{k}.png").stat().st_size > 0 for k in range(3))
     results = json.loads((tmp_path / "results.json").read_text())
-    (stats,) = results["variants"]["pair"]["attention"]
+    (stats,) = results["variants"]["pair"]["nl"]["attention"]
     assert 0 < stats["uniform_mass"] < 0.5  # the key tile's share of the map
     # The cue is beyond what the (trained) baseline's category scores read.
     reach = re.search(r"^pair: the baseline's category scores read (\d+) px from a disc, its cue "
