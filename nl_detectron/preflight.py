@@ -352,8 +352,8 @@ def _schedule_problems(cfg: CfgNode) -> Iterable[str]:
         yield (
             f"SOLVER.STEPS is {tuple(solver.STEPS)}: the iterations at which the learning rate "
             f"drops must be positive and strictly increasing (and below SOLVER.MAX_ITER "
-            f"{solver.MAX_ITER}), e.g. SOLVER.STEPS \"({int(solver.MAX_ITER * 0.75)}, "
-            f"{int(solver.MAX_ITER * 0.9)})\"."
+            f'{solver.MAX_ITER}), e.g. SOLVER.STEPS "({int(solver.MAX_ITER * 0.75)}, '
+            f'{int(solver.MAX_ITER * 0.9)})".'
         )
 
 
