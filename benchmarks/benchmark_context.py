@@ -29,17 +29,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+sys.path.insert(0, str(REPO / "tools"))
+
 from common import cpu_name, git_revision, load_average  # noqa: E402
+from pretrain_context import ensure_pretrained  # noqa: E402
 
 VARIANTS = ("image", "pair", "image_local", "pair_local")
-# The models compared: no block, GCNet's query-independent control, the non-local block, DNL.
+# The models compared: no block, GCNet's query-independent control, the non-local block, DNL;
+# each from scratch and fine-tuned from the marks pretext (tools/pretrain_context.py).
 CONFIGS = {
-    "baseline": REPO / "configs" / "context" / "mask_rcnn_baseline_context.yaml",
-    "gc": REPO / "configs" / "context" / "mask_rcnn_gc_context.yaml",
-    "nl": REPO / "configs" / "context" / "mask_rcnn_nl_context.yaml",
-    "dnl": REPO / "configs" / "context" / "mask_rcnn_dnl_context.yaml",
+    f"{model}{pretext}": REPO / "configs" / "context" / f"mask_rcnn_{model}_context{pretext}.yaml"
+    for pretext in ("", "_pretext")
+    for model in ("baseline", "gc", "nl", "dnl")
 }
-BLOCK_MODELS = ("gc", "nl", "dnl")  # the models with a block, whose attention is measured
+DEFAULT_MODELS = ("baseline", "gc", "nl", "dnl")
+# the models with a block, whose attention is measured
+BLOCK_MODELS = tuple(m for m in CONFIGS if not m.startswith("baseline"))
+
+
+def baseline_of(model: str) -> str:
+    """The model without a block that ``model`` is compared with (same initialisation)."""
+    return "baseline_pretext" if model.endswith("_pretext") else "baseline"
+
+
 ATTENTION_IMAGES = 3  # validation images drawn with the NL model's attention, per variant
 REACH_IMAGES = 20  # validation images on which the baseline's receptive field is measured
 # What each distant-cue variant is compared with: the same geometry, the cue on the object.
@@ -173,17 +185,16 @@ def table(results: dict) -> str:
     """One row per variant and model: AP, the gain over the baseline, the attention of the
     model's first block (the first seed's run)."""
     lines = [
-        "| variant | model | box / mask AP | - baseline (box) | cue mass (uniform) | decoy mass | "
-        "entropy | query dependence | gate |",
+        "| variant | model | box / mask AP | - its baseline (box) | cue mass (uniform) | "
+        "decoy mass | entropy | query dependence | gate |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, entry in results["variants"].items():
-        base = entry.get("baseline")
         for model in CONFIGS:
             if model not in entry:
                 continue
-            run = entry[model]
-            gain = f"{run['bbox'] - base['bbox']:+.1f}" if base and model != "baseline" else "-"
+            run, base = entry[model], entry.get(baseline_of(model))
+            gain = f"{run['bbox'] - base['bbox']:+.1f}" if base and model in BLOCK_MODELS else "-"
             s = (run.get("attention") or [{}])[0]
             uniform = f" ({_cell(s.get('uniform_mass'))})" if s else ""
             lines.append(
@@ -203,16 +214,17 @@ def targets(results: dict) -> list[str]:
     for distant, local in LOCAL_CONTROL.items():
         if distant in v and local not in v:
             out.append(f"{distant}: target not measured: {local} (its local control) not run")
-        if distant not in v or local not in v or "baseline" not in v[distant]:
+        if distant not in v or local not in v:
             continue
-        base, ctl = v[distant]["baseline"]["bbox"], v[local]["baseline"]["bbox"]
-        half = 0.5 * (ctl - base)
         for model in BLOCK_MODELS:
-            if model not in v[distant]:
+            reference = baseline_of(model)
+            if model not in v[distant] or reference not in v[distant] or reference not in v[local]:
                 continue
+            base, ctl = v[distant][reference]["bbox"], v[local][reference]["bbox"]
+            half = 0.5 * (ctl - base)
             gain = v[distant][model]["bbox"] - base
             line = (
-                f"{distant}: {model} - baseline {gain:+.1f} vs half the gap to {local} "
+                f"{distant}: {model} - {reference} {gain:+.1f} vs half the gap to {local} "
                 f"{half:.1f}: {'met' if gain >= half else 'NOT met'}"
             )
             stats = (v[distant][model].get("attention") or [{}])[0]
@@ -234,12 +246,11 @@ def targets(results: dict) -> list[str]:
                 "reached"
             )
     for local in LOCAL_CONTROL.values():
-        if local not in v or "baseline" not in v[local]:
-            continue
         for model in BLOCK_MODELS:
-            if model in v[local]:
-                delta = v[local][model]["bbox"] - v[local]["baseline"]["bbox"]
-                out.append(f"{local}: {model} - baseline {delta:+.1f} (target >= -1): "
+            reference = baseline_of(model)
+            if local in v and model in v[local] and reference in v[local]:
+                delta = v[local][model]["bbox"] - v[local][reference]["bbox"]
+                out.append(f"{local}: {model} - {reference} {delta:+.1f} (target >= -1): "
                            f"{'met' if delta >= -1 else 'NOT met'}")  # fmt: skip
     return out
 
@@ -248,7 +259,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=list(CONFIGS))
     parser.add_argument("--output", default="output/evidence", type=Path)
     parser.add_argument("--attention-images", type=int, default=40)
     parser.add_argument("--quick", action="store_true", help="20 iterations: a smoke run")
@@ -285,6 +296,8 @@ def main() -> None:
         # models of an earlier call into the same output are kept beside these
         entry: dict = results["variants"].get(variant, {})
         for model in args.models:
+            if model.endswith("_pretext"):
+                ensure_pretrained()
             aps = []
             for seed in args.seeds:
                 directory = run_dir(args.output, variant, model, seed)

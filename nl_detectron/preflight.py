@@ -21,7 +21,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .data import CONTEXT_SPLITS, SHAPES_SPLITS
+from .data import CONTEXT_SPLITS, MARKS_SPLITS, SHAPES_SPLITS
 from .device import amp_dtype
 from .errors import UserInputError
 
@@ -38,7 +38,9 @@ _PATH_KEYS = (
     "gt_dir",
 )
 # Datasets generated on first use: nothing needs to exist beforehand.
-_GENERATED_DATASETS = frozenset(split.name for split in (*SHAPES_SPLITS, *CONTEXT_SPLITS))
+_GENERATED_DATASETS = frozenset(
+    split.name for split in (*SHAPES_SPLITS, *CONTEXT_SPLITS, *MARKS_SPLITS)
+)
 _QUICKSTART = "configs/quickstart/mask_rcnn_nl_shapes.yaml"
 
 

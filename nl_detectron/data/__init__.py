@@ -4,6 +4,8 @@ from .context import (
     CONTEXT_CLASSES,
     CONTEXT_SPLITS,
     CONTEXT_VARIANTS,
+    MARKS_CLASSES,
+    MARKS_SPLITS,
     ensure_context_split,
     register_context_datasets,
 )
@@ -31,6 +33,8 @@ __all__ = [
     "CONTEXT_SPLITS",
     "CONTEXT_VARIANTS",
     "GeneratedSplit",
+    "MARKS_CLASSES",
+    "MARKS_SPLITS",
     "SHAPES_CLASSES",
     "SHAPES_KEYPOINT_CONNECTION_RULES",
     "SHAPES_KEYPOINT_FLIP_MAP",

@@ -14,6 +14,10 @@ textured background. What decides its category (red, green or blue) depends on t
   can.
 - ``image_local`` and ``pair_local``: the same geometry (band or keys present, their colours
   random), with the category's colour on the disc's own outline: the local control.
+- ``marks``: a pretext for fine-tuning (:data:`MARKS_CLASSES`): images drawn as ``pair``'s, with
+  random key colours, in which every disc and every key tile is an object labelled by its kind
+  and its mark. A detector trained on it codes a disc's mark and its key's mark alike; it learns
+  nothing of the categories (no label names a colour) nor of which key goes with which disc.
 
 Distances are Chebyshev (``max(|dx|, |dy|)``, the metric of a CNN's square receptive field),
 from a disc's centre to the nearest pixel of the cue. They exceed the receptive field of the
@@ -47,6 +51,8 @@ __all__ = [
     "CONTEXT_VARIANTS",
     "IMAGE_SIZE",
     "KEY_SIZE",
+    "MARKS_CLASSES",
+    "MARKS_SPLITS",
     "MIN_CUE_DISTANCE",
     "context_split_dir",
     "cue_box",
@@ -63,6 +69,8 @@ GENERATOR_VERSION = 3
 
 CONTEXT_CLASSES = ("red", "green", "blue")
 CONTEXT_VARIANTS = ("image", "pair", "image_local", "pair_local")
+# The pretext's categories: each disc and each key tile by its mark.
+MARKS_CLASSES = ("disc hbar", "disc vbar", "disc ring", "key hbar", "key vbar", "key ring")
 _COLORS = np.array([[220, 40, 40], [40, 190, 40], [50, 90, 235]], dtype=np.float32)
 IMAGE_SIZE = 192  # square images, pixels
 MIN_CUE_DISTANCE = 96.0  # Chebyshev, from a disc's centre to the nearest pixel of its cue, px
@@ -80,6 +88,12 @@ CONTEXT_SPLITS: tuple[GeneratedSplit, ...] = tuple(
     GeneratedSplit(f"nl_context_{variant}_{part}", num, seed)
     for v, variant in enumerate(CONTEXT_VARIANTS)
     for part, num, seed in (("train", _NUM_TRAIN, 5000 + v), ("val", _NUM_VAL, 6000 + v))
+)
+
+
+MARKS_SPLITS: tuple[GeneratedSplit, ...] = (
+    GeneratedSplit("nl_context_marks_train", _NUM_TRAIN, 7000),
+    GeneratedSplit("nl_context_marks_val", _NUM_VAL, 7100),
 )
 
 
@@ -167,8 +181,9 @@ def _band_distance(x: float, y: float, side: int) -> float:
 def _layout(rng: np.random.Generator, variant: str) -> dict | None:
     """Discs (centre, radius, category, mark), the band (side, colour) or keys (centre, mark,
     colour); None when the random placement failed (the caller draws again)."""
-    pair = variant.startswith("pair")
-    local = variant.endswith("local")
+    pair = variant.startswith("pair") or variant == "marks"
+    # keys of random colours: the local control, and the pretext (which never sees a category)
+    random_keys = variant.endswith("local") or variant == "marks"
     discs, keep_away = [], []
     if pair:
         categories = rng.choice(3, size=2, replace=False)
@@ -190,9 +205,10 @@ def _layout(rng: np.random.Generator, variant: str) -> dict | None:
             )
             if point is None:
                 return None
-            color = int(rng.integers(3)) if local else disc["category"]
+            color = int(rng.integers(3)) if random_keys else disc["category"]
             keys.append({"center": point, "mark": disc["mark"], "color": color})
         return {"discs": discs, "keys": keys}
+    local = variant.endswith("local")
     side = int(rng.integers(4))
     category = int(rng.integers(3))
     band_color = int(rng.integers(3)) if local else category
@@ -276,13 +292,28 @@ def _render(rng: np.random.Generator, layout: dict, variant: str) -> np.ndarray:
 
 
 def _annotation(disc: dict) -> dict:
-    polygon = _disc_polygon(*disc["center"], disc["radius"])
+    return _polygon_annotation(_disc_polygon(*disc["center"], disc["radius"]), disc["category"])
+
+
+def _marks_annotations(layout: dict) -> list[dict]:
+    """The pretext's objects: each disc (category: its mark) and each key tile (3 + its mark)."""
+    objects = [_polygon_annotation(_disc_polygon(*d["center"], d["radius"]), int(d["mark"]))
+               for d in layout["discs"]]  # fmt: skip
+    h = KEY_SIZE / 2
+    for key in layout["keys"]:
+        (cx, cy), mark = key["center"], int(key["mark"])
+        square = np.array([[cx - h, cy - h], [cx + h, cy - h], [cx + h, cy + h], [cx - h, cy + h]])
+        objects.append(_polygon_annotation(np.round(square, 2), len(_MARKS) + mark))
+    return objects
+
+
+def _polygon_annotation(polygon: np.ndarray, category: int) -> dict:
     x0, y0 = polygon.min(axis=0)
     x1, y1 = polygon.max(axis=0)
     flat = [float(v) for v in polygon.reshape(-1)]
     rle = mask_util.merge(mask_util.frPyObjects([flat], IMAGE_SIZE, IMAGE_SIZE))
     return {
-        "category_id": disc["category"] + 1,
+        "category_id": category + 1,
         "segmentation": [flat],
         "area": float(mask_util.area(rle)),
         "bbox": [float(x0), float(y0), round(float(x1 - x0), 2), round(float(y1 - y0), 2)],
@@ -315,10 +346,13 @@ def generate_context_split(split: GeneratedSplit, out_dir: str | Path) -> None:
         images.append(
             {"id": image_id, "file_name": file_name, "width": IMAGE_SIZE, "height": IMAGE_SIZE}
         )
-        for disc in layout["discs"]:
-            annotations.append(
-                {"id": len(annotations) + 1, "image_id": image_id, **_annotation(disc)}
-            )
+        objects = (
+            _marks_annotations(layout)
+            if variant == "marks"
+            else [_annotation(d) for d in layout["discs"]]
+        )
+        for annotation in objects:
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, **annotation})
         layouts.append({"image_id": image_id, **layout})
     coco = {
         "info": {
@@ -329,7 +363,8 @@ def generate_context_split(split: GeneratedSplit, out_dir: str | Path) -> None:
         "images": images,
         "annotations": annotations,
         "categories": [
-            {"id": i + 1, "name": n, "supercategory": "disc"} for i, n in enumerate(CONTEXT_CLASSES)
+            {"id": i + 1, "name": n, "supercategory": "disc"}
+            for i, n in enumerate(MARKS_CLASSES if variant == "marks" else CONTEXT_CLASSES)
         ],
     }
     with open(out_dir / "annotations.json", "w", encoding="utf-8") as f:
@@ -360,11 +395,13 @@ def ensure_context_split(split: GeneratedSplit, root: str | Path | None = None) 
 
 
 def register_context_datasets(root: str | Path | None = None) -> None:
-    """Register :data:`CONTEXT_SPLITS` with Detectron2's catalogs (generated when first loaded)."""
+    """Register :data:`CONTEXT_SPLITS` and the pretext's :data:`MARKS_SPLITS` with Detectron2's
+    catalogs (generated when first loaded)."""
     root = default_generated_root() if root is None else Path(root)
-    register_generated_splits(
-        CONTEXT_SPLITS,
-        directory=lambda split: context_split_dir(root, split),
-        ensure=lambda split: ensure_context_split(split, root),
-        metadata={"thing_classes": list(CONTEXT_CLASSES)},
-    )
+    for splits, classes in ((CONTEXT_SPLITS, CONTEXT_CLASSES), (MARKS_SPLITS, MARKS_CLASSES)):
+        register_generated_splits(
+            splits,
+            directory=lambda split: context_split_dir(root, split),
+            ensure=lambda split: ensure_context_split(split, root),
+            metadata={"thing_classes": list(classes)},
+        )

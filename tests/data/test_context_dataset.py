@@ -82,3 +82,29 @@ def test_splits_are_registered_and_generated_on_first_use(tmp_path):
     directory = ensure_context_split(split, tmp_path)
     assert (directory / "layout.json").is_file()
     assert [p.name for p in tmp_path.iterdir()] == [directory.name]  # no temporary left
+
+
+def test_marks_pretext_labels_marks_not_categories(tmp_path):
+    # The fine-tuning pretext: every disc and key tile labelled by its kind and mark; key colours
+    # random (no category is named or implied), the pairs' geometry as in `pair`.
+    from nl_detectron.data import MARKS_CLASSES, MARKS_SPLITS
+
+    split = GeneratedSplit("nl_context_marks_val", 6, 321)
+    generate_context_split(split, tmp_path / "marks")
+    dicts = load_coco_json(
+        str(tmp_path / "marks" / "annotations.json"), str(tmp_path / "marks" / "images")
+    )
+    import json
+
+    layouts = json.loads((tmp_path / "marks" / "layout.json").read_text())
+    for record, layout in zip(dicts, layouts):
+        discs, keys = layout["discs"], layout["keys"]
+        assert len(record["annotations"]) == len(discs) + len(keys) == 4
+        labels = sorted(a["category_id"] - 1 for a in record["annotations"])  # COCO ids from 1
+        # discs by their mark (0-2), keys by 3 + mark: the same marks on both kinds
+        assert labels == sorted([d["mark"] for d in discs] + [3 + k["mark"] for k in keys])
+        assert {d["mark"] for d in discs} == {k["mark"] for k in keys}
+    colours = [k["color"] for layout in layouts for k in layout["keys"]]
+    categories = [d["category"] for layout in layouts for d in layout["discs"]]
+    assert colours != categories  # key colours are drawn at random, not the discs' categories
+    assert MetadataCatalog.get(MARKS_SPLITS[0].name).thing_classes == list(MARKS_CLASSES)
