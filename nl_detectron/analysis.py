@@ -17,17 +17,19 @@ convolutions (and fvcore's estimates for norms, upsampling and average pooling).
 - operators with no arithmetic: padding, flipping, sorting, binary search (fvcore's own list of
   such operators has ``constant_pad_nd``, ``roll``, ``gather``, ``max``, ``ge``, ...);
 - element-wise operators and reductions, which Detectron2's analysis leaves uncounted (it lists
-  ``exp``, ``sqrt``, ``mul``, ``softmax``, ``sort``, ...): here ``rsqrt``, ``pow`` and
+  ``exp``, ``sqrt``, ``mul``, ``softmax``, ``sort``, ...): here ``rsqrt``, ``pow``, ``mean`` and
   ``cumsum``.
 
-For the non-local block this is its multiply-adds: theta, phi, g and W_z, the pairwise products
-(the fused attention's ``q k^T`` and ``p v``, the dot product's ``phi^T g`` and ``K^T theta``)
-and its folds (the dot product's ``(C, C)`` map of x on large maps, the concatenation's
-``w_1^T theta``). The fused attention takes one width for queries and values, so the Gaussian
-form's values are zero-padded to the C channels of its raw-feature queries; those products run
-and are counted. The concatenation's sort, binary search, gathers, suffix sums and element-wise
-products (``b_j g_j``, ``a_i S_g + S_bg``) count zero: ``O((HW + M) C')`` operations against the
-``O(HW C C')`` of its 1x1 convolutions, under 0.5 % of the block for ``C >= 256``.
+For the non-local block this is its multiply-adds: theta, phi, g, W_z (and the one-channel
+``conv_mask`` of the disentangled and global-context forms), the pairwise products (the fused
+attention's ``q k^T`` and ``p v``, the dot product's ``phi^T g`` and ``K^T theta``, the unary
+term's weighted values) and its folds (the dot product's ``(C, C)`` map of x on large maps, the
+concatenation's ``w_1^T theta``). The fused attention takes one width for queries and values, so
+the Gaussian form's values are zero-padded to the C channels of its raw-feature queries; those
+products run and are counted. The concatenation's sort, binary search, gathers, suffix sums and
+element-wise products (``b_j g_j``, ``a_i S_g + S_bg``) count zero: ``O((HW + M) C')``
+operations against the ``O(HW C C')`` of its 1x1 convolutions, under 0.5 % of the block for
+``C >= 256``.
 """
 
 from __future__ import annotations
@@ -100,7 +102,7 @@ NO_ARITHMETIC_OPS = frozenset(
     {"aten::pad", "aten::flip", "aten::sort", "aten::argsort", "aten::searchsorted"}
 )
 # Element-wise operators and reductions, for Detectron2's list of those it does not count.
-UNCOUNTED_ELEMENTWISE_OPS = frozenset({"aten::rsqrt", "aten::pow", "aten::cumsum"})
+UNCOUNTED_ELEMENTWISE_OPS = frozenset({"aten::rsqrt", "aten::pow", "aten::mean", "aten::cumsum"})
 
 
 def register_analysis_handles() -> None:

@@ -16,10 +16,9 @@ from torch import nn
 
 import nl_detectron  # noqa: F401  (registers the handles)
 from nl_detectron.analysis import FLOP_HANDLES
-from nl_detectron.layers import NonLocalBlock
+from nl_detectron.layers import PAIRWISE_FUNCTIONS, NonLocalBlock
 from nl_detectron.modeling import NonLocalKRCNNConvDeconvUpsampleHead
 
-PAIRWISE = ("embedded_gaussian", "gaussian", "dot_product", "concatenation")
 # Channels C and inner channels C' of the test blocks (the paper's ratio). The dot product folds
 # theta, K and W_z into one (C, C) map from HW >= 5 (C + C') = 1920 positions: (7, 9) is below,
 # (45, 43) above. Odd sizes: 2x2 pooling keeps the partial windows (ceil mode).
@@ -42,10 +41,16 @@ def block_multiply_adds(block: NonLocalBlock, batch: int, height: int, width: in
       then ``C^2`` per position instead of theta and W_z);
     - concatenation: ``a_i = (w_1^T W_theta) x_i`` (``C`` per position, the fold ``C' C + C'``
       once), ``b_j = w_2^T phi_j`` (``C'`` per key), and the sorted suffix sums combined as
-      ``a_i S_g + S_bg`` (``C'`` per position) after ``b_j g_j`` (``C'`` per key).
+      ``a_i S_g + S_bg`` (``C'`` per position) after ``b_j g_j`` (``C'`` per key);
+    - disentangled: the embedded Gaussian's on whitened theta and phi, plus the unary logits
+      ``w_m^T x_j`` (``C`` per position, in the product with phi and g) and their softmax average
+      of g (``C'`` per key);
+    - global context: ``w_m^T x_j`` and its softmax average of g only (no theta, phi or pairwise
+      map), then W_z at every position.
 
     The batch norm after W_z is folded into W_z in evaluation. Additions without a multiply, the
-    softmax, sorting and searching are not multiply-adds.
+    softmax, means, sorting and searching are not multiply-adds. A form without a count here fails
+    the tests that use this function.
     """
     c, ci, form = block.in_channels, block.inner_channels, block.pairwise
     hw = height * width
@@ -59,6 +64,11 @@ def block_multiply_adds(block: NonLocalBlock, batch: int, height: int, width: in
         per_sample = ci * c * embedded + hw * m * c + hw * m * max(c, ci) + w_z
     elif form == "embedded_gaussian":
         per_sample = 2 * ci * c * embedded + ci * c * hw + hw * m * (ci + ci) + w_z
+    elif form == "disentangled":
+        unary = c * embedded + ci * m
+        per_sample = 2 * ci * c * embedded + ci * c * hw + hw * m * (ci + ci) + unary + w_z
+    elif form == "global_context":
+        per_sample = (1 + ci) * c * embedded + ci * m + w_z
     elif form == "dot_product":
         kv = m * ci * ci
         if block.pairwise_fn.folds_output(hw):
@@ -92,7 +102,7 @@ def analyzed(model: nn.Module, *inputs: torch.Tensor) -> FlopCountAnalysis:
 
 
 @pytest.mark.parametrize("size", [SMALL, LARGE], ids=["small", "large"])
-@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize("pairwise", PAIRWISE_FUNCTIONS)
 def test_block_flops_are_its_multiply_adds(pairwise, size):
     block = randomised(NonLocalBlock(CHANNELS, pairwise=pairwise))
     x = torch.randn(2, CHANNELS, *size)
@@ -104,7 +114,7 @@ def test_block_flops_are_its_multiply_adds(pairwise, size):
         assert block.pairwise_fn.folds_output(size[0] * size[1]) == (size == LARGE)
 
 
-@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize("pairwise", PAIRWISE_FUNCTIONS)
 @pytest.mark.parametrize("variant", ["pool_input", "no_sub_sample"])
 def test_block_flops_with_other_sub_sampling(pairwise, variant):
     kwargs = {"pool_input": True} if variant == "pool_input" else {"sub_sample": False}
@@ -127,7 +137,7 @@ class _HeadLayers(nn.Module):
         return self.head.layers(x)
 
 
-@pytest.mark.parametrize("pairwise", PAIRWISE)
+@pytest.mark.parametrize("pairwise", PAIRWISE_FUNCTIONS)
 def test_keypoint_head_block_flops(pairwise):
     """The paper's head (Sec. 6): 8 convs of 512 channels on 14x14 RoIs, 4 NL blocks; 2 RoIs."""
 

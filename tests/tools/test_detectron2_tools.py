@@ -34,6 +34,7 @@ BLOCK_OPERATORS = (
     "aten::baddbmm", "aten::bmm", "aten::matmul", "aten::scaled_dot_product_attention",
     "aten::pad", "aten::flip", "aten::sort", "aten::searchsorted", "aten::cumsum", "aten::rsqrt",
     "aten::pow",
+    "aten::mean",
 )  # fmt: skip
 
 
