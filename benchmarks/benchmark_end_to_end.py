@@ -34,8 +34,8 @@ Measured, for each model and image size:
 - FLOPs of one inference with fvcore's counter as Detectron2's ``tools/analyze_model.py`` uses
   it (``detectron2.utils.analysis.FlopCountAnalysis``, or where that does not import, the same
   counter on an equivalent tracing wrapper; one fused multiply-add counts as one flop), with
-  handles added for ``aten::scaled_dot_product_attention`` (``L * S * (E + Ev)`` per batch and
-  head) and ``aten::baddbmm``, which fvcore lacks, and the share of the NL blocks.
+  the handles ``nl_detectron.analysis`` registers for what fvcore lacks (fused attention,
+  ``baddbmm``), and the share of the NL blocks.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -80,7 +79,6 @@ from detection_models import (  # noqa: E402
 )
 from detectron2.utils.events import EventStorage  # noqa: E402
 from fvcore.nn import FlopCountAnalysis  # noqa: E402
-from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
 from nl_detectron.layers import non_local_blocks, recorded_block_inputs  # noqa: E402
 
@@ -161,19 +159,6 @@ def peak_memory(
 # Parameters and FLOPs
 
 
-def sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
-    """FLOPs (multiply-adds) of ``scaled_dot_product_attention``: ``q k^T`` and ``p v``."""
-    q, k, v = (get_shape(i) for i in inputs[:3])
-    # q (..., L, E), k (..., S, E), v (..., S, Ev)
-    return math.prod(q[:-1]) * k[-2] * (q[-1] + v[-1])
-
-
-def baddbmm_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
-    """FLOPs (multiply-adds) of ``baddbmm(input, batch1, batch2)``: ``(B, n, m) @ (B, m, p)``."""
-    (b, n, m), p = get_shape(inputs[1]), get_shape(inputs[2])[-1]
-    return b * n * m * p
-
-
 def count_parameters(model: nn.Module) -> dict[str, int]:
     return {
         "params": sum(p.numel() for p in model.parameters()),
@@ -223,10 +208,8 @@ def count_flops(runner: Runner) -> dict[str, Any]:
     """Inference FLOPs of the whole model and of its NL blocks (fvcore's flop counter)."""
     runner.model.eval()
     with torch.no_grad():
+        # fused attention and baddbmm are counted by the handles nl_detectron.analysis adds
         flops = flop_counter(runner.model, runner.test_inputs)
-        flops.set_op_handle(
-            "aten::scaled_dot_product_attention", sdpa_flop_jit, "aten::baddbmm", baddbmm_flop_jit
-        )
         flops.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         total = flops.total()
         by_module = flops.by_module()
