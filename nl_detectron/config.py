@@ -24,8 +24,8 @@ __all__ = ["add_nonlocal_config", "load_config", "non_local_block_args"]
 
 
 def add_nonlocal_config(cfg: CN) -> None:
-    """Add the ``MODEL.NONLOCAL`` node and ``SOLVER.AMP.PRECISION`` to a Detectron2 config (in
-    place).
+    """Add the ``MODEL.NONLOCAL`` node, ``MODEL.ROI_KEYPOINT_HEAD.NORM`` and
+    ``SOLVER.AMP.PRECISION`` to a Detectron2 config (in place).
 
     The node is read by the components nl_detectron registers: the backbones
     ``build_non_local_resnet_backbone`` / ``build_non_local_resnet_fpn_backbone`` and the heads
@@ -83,6 +83,11 @@ def add_nonlocal_config(cfg: CN) -> None:
     # Learning rate of the NL blocks' parameters as a multiple of SOLVER.BASE_LR (the schedule
     # and warm-up apply as to the rest). Paper: 1 (not stated otherwise).
     _C.MODEL.NONLOCAL.LR_FACTOR = 1.0
+
+    # A norm after each conv of NonLocalKRCNNConvDeconvUpsampleHead ("GN", "BN", ...), as the box
+    # and mask heads' NORM; "": none, the paper's and Detectron2's keypoint head.
+    if "NORM" not in _C.MODEL.ROI_KEYPOINT_HEAD:
+        _C.MODEL.ROI_KEYPOINT_HEAD.NORM = ""
 
     # Mixed precision (with SOLVER.AMP.ENABLED): the autocast dtype, "float16" (Detectron2's, with
     # loss scaling) or "bfloat16" (Ampere and newer GPUs; no loss scaling). Detectron2 main's

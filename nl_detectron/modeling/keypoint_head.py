@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from detectron2.config import CfgNode, configurable
-from detectron2.layers import ShapeSpec
+from detectron2.layers import ShapeSpec, get_norm
 from detectron2.modeling.roi_heads import ROI_KEYPOINT_HEAD_REGISTRY, KRCNNConvDeconvUpsampleHead
 from detectron2.structures import Instances
 from torch import Tensor
@@ -47,6 +47,7 @@ class NonLocalKRCNNConvDeconvUpsampleHead(NonLocalHeadMixin, KRCNNConvDeconvUpsa
         non_local_positions: Sequence[int] = (2, 4, 6, 8),
         non_local_bottleneck_ratio: float = 0.5,
         non_local_args: Mapping[str, Any] | None = None,
+        conv_norm: str = "",
         **kwargs: Any,
     ) -> None:
         """
@@ -58,10 +59,19 @@ class NonLocalKRCNNConvDeconvUpsampleHead(NonLocalHeadMixin, KRCNNConvDeconvUpsa
                 channels (paper: 0.5).
             non_local_args: other ``NonLocalBlock`` keyword arguments (pairwise, sub_sample,
                 scale, norm, init_std); default: the block's (paper) defaults.
+            conv_norm: a norm after each 3x3 conv (``"GN"``, ``"BN"``, ...; Detectron2's
+                ``get_norm``), before its ReLU, as the box and mask heads' ``NORM``; ``""``:
+                none, the paper's and Detectron2's head. Trained from scratch, an unnormalised
+                8-conv head learns slowly (He et al., "Rethinking ImageNet Pre-training").
         """
         # Upstream initialises the head with one loop over all its parameters. It runs here,
         # before any NL block exists, so the blocks keep their own init (zero gamma: identity).
         super().__init__(input_shape, num_keypoints=num_keypoints, conv_dims=conv_dims, **kwargs)
+        if conv_norm:
+            # Detectron2's Conv2d applies its `norm` after the convolution; added after upstream's
+            # init loop (which would re-initialise a norm's weight), with the norm's own init.
+            for k, channels in enumerate(conv_dims, start=1):
+                getattr(self, f"conv_fcn{k}").norm = get_norm(conv_norm, channels)
         self._insert_non_local_blocks(
             anchors=[f"conv_fcn_relu{k}" for k in range(1, len(conv_dims) + 1)],
             channels=list(conv_dims),
@@ -73,7 +83,9 @@ class NonLocalKRCNNConvDeconvUpsampleHead(NonLocalHeadMixin, KRCNNConvDeconvUpsa
 
     @classmethod
     def from_config(cls, cfg: CfgNode, input_shape: ShapeSpec) -> dict[str, Any]:
-        return cls._non_local_from_config(cfg, super().from_config(cfg, input_shape))
+        ret = cls._non_local_from_config(cfg, super().from_config(cfg, input_shape))
+        ret["conv_norm"] = cfg.MODEL.ROI_KEYPOINT_HEAD.NORM
+        return ret
 
     def forward(self, x: Tensor, instances: list[Instances]):
         """Training: upstream's losses. Inference: ``instances`` with ``pred_keypoints`` and

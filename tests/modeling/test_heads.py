@@ -147,6 +147,29 @@ def test_keypoint_head_from_explicit_arguments():
     assert block.out_norm is None and torch.all(block.out_conv.weight == 0)
 
 
+def test_keypoint_head_conv_norm():
+    # MODEL.ROI_KEYPOINT_HEAD.NORM: a norm inside each conv (after it, before its ReLU); the
+    # vanilla keys stay as they are, the norms add their own, initialised as norms are.
+    plain = _keypoint_head_from_cfg()
+    cfg = tiny_cfg("FPN")
+    cfg.MODEL.KEYPOINT_ON = True
+    cfg.MODEL.ROI_KEYPOINT_HEAD.NAME = "NonLocalKRCNNConvDeconvUpsampleHead"
+    cfg.MODEL.ROI_KEYPOINT_HEAD.NORM = "GN"
+    head = build_keypoint_head(cfg, ROI_FEATURES)
+    added = set(head.state_dict()) - set(plain.state_dict())
+    assert added == {f"conv_fcn{k}.norm.{p}" for k in range(1, 9) for p in ("weight", "bias")}
+    assert set(plain.state_dict()) <= set(head.state_dict())
+    for k in range(1, 9):
+        norm = getattr(head, f"conv_fcn{k}").norm
+        assert isinstance(norm, nn.GroupNorm) and norm.num_groups == 32
+        assert torch.all(norm.weight == 1) and torch.all(norm.bias == 0)
+    order, y = _run_order(head, torch.rand(3, 16, 14, 14))
+    assert order == KEYPOINT_ORDER and y.shape == (3, 17, 56, 56)
+    # each conv's output is normalised: per RoI and group, mean 0
+    features = head.conv_fcn1(torch.rand(3, 16, 14, 14) * 5 + 3)
+    assert features.view(3, 32, -1).mean(dim=2).abs().max() < 1e-5
+
+
 MASK_ORDER = [
     "mask_fcn1",
     "non_local_after_mask_fcn1",
