@@ -73,6 +73,7 @@ demo: $(READY)
 	$(PY) tools/train_net.py --config-file configs/quickstart/mask_rcnn_nl_shapes.yaml \
 		OUTPUT_DIR $(DEMO_OUTPUT)
 	$(PY) tools/demo_figures.py $(DEMO_OUTPUT) --output $(DEMO_OUTPUT)
+	@$(PY) tools/demo_result.py $(DEMO_OUTPUT)
 
 # Baseline and NL trained on every variant of the context data, 2 seeds: box / mask AP, NL gains,
 # attention statistics and maps in output/evidence (docs/evidence.md). About 16 runs of 6-7 min.
