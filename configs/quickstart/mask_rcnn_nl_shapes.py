@@ -84,6 +84,7 @@ heads.update(
         conv_dims=[32] * 8,
         non_local_positions=[2, 4, 6, 8],
         non_local_args={"norm": "BN"},
+        conv_norm="GN",  # as MODEL.ROI_KEYPOINT_HEAD.NORM of the yacs config
     ),
 )
 
