@@ -195,14 +195,25 @@ def table(results: dict) -> str:
                 continue
             run, base = entry[model], entry.get(baseline_of(model))
             gain = f"{run['bbox'] - base['bbox']:+.1f}" if base and model in BLOCK_MODELS else "-"
-            s = (run.get("attention") or [{}])[0]
-            uniform = f" ({_cell(s.get('uniform_mass'))})" if s else ""
-            lines.append(
-                f"| {variant} | {model} | {_aps(run)} | {gain} | {_cell(s.get('cue_mass'))}"
-                f"{uniform} | {_cell(s.get('decoy_mass'))} | {_cell(s.get('entropy'))} | "
-                f"{_cell(s.get('query_dependence'))} | {_cell(s.get('gate'))} |"
-            )
+            # one row per attention measured: DNL's also by its pairwise term alone
+            for k, s in enumerate(run.get("attention") or [{}]):
+                uniform = f" ({_cell(s.get('uniform_mass'))})" if s else ""
+                label = model + (
+                    " (pairwise term)" if s.get("block", "").endswith(":pairwise") else ""
+                )
+                aps, delta = (_aps(run), gain) if k == 0 else ("", "")
+                lines.append(
+                    f"| {variant} | {label} | {aps} | {delta} | {_cell(s.get('cue_mass'))}"
+                    f"{uniform} | {_cell(s.get('decoy_mass'))} | {_cell(s.get('entropy'))} | "
+                    f"{_cell(s.get('query_dependence'))} | {_cell(s.get('gate'))} |"
+                )
     return "\n".join(lines)
+
+
+def _relation_stats(attention: list[dict]) -> dict:
+    """The attention that should show a relation: DNL's pairwise term, else the block's."""
+    pairwise = [s for s in attention if s["block"].endswith(":pairwise")]
+    return (pairwise or attention or [{}])[0]
 
 
 def targets(results: dict) -> list[str]:
@@ -227,7 +238,7 @@ def targets(results: dict) -> list[str]:
                 f"{distant}: {model} - {reference} {gain:+.1f} vs half the gap to {local} "
                 f"{half:.1f}: {'met' if gain >= half else 'NOT met'}"
             )
-            stats = (v[distant][model].get("attention") or [{}])[0]
+            stats = _relation_stats(v[distant][model].get("attention") or [])
             if distant == "pair" and stats:
                 ratio = stats["cue_mass"] / max(stats["decoy_mass"], 1e-9)
                 relation = ratio >= 3 and stats["query_dependence"] >= 0.3

@@ -14,6 +14,9 @@ the band (``image`` variants) or the key tile with the disc's mark (``pair`` var
   (0: the same map for every query, as GCNet found for NL on COCO; 1: disjoint maps);
 - ``gate``: the mean absolute gamma of the norm after W_z (or of W_z without a norm), and
   ``branch``: ``|block(x) - x| / |x|``, how much the block changes its input.
+
+A disentangled block (DNL) is measured twice: its attention (the mean of its two terms) and, as
+``<block>:pairwise``, its whitened pairwise term alone, the term meant to relate positions.
 """
 
 from __future__ import annotations
@@ -81,7 +84,12 @@ def context_attention_stats(
     with open(directory / "layout.json", encoding="utf-8") as f:
         layouts = json.load(f)[:num_images]
     blocks = [(n, b) for n, b in non_local_blocks(model) if not n.startswith("roi_heads")]
-    sums: dict[str, dict[str, list[float]]] = {n: _empty() for n, _ in blocks}
+    # (name, block, term): a disentangled block also by its whitened pairwise term alone
+    measured = [(n, b, "all") for n, b in blocks]
+    measured += [
+        (f"{n}:pairwise", b, "pairwise") for n, b in blocks if b.pairwise == "disentangled"
+    ]
+    sums: dict[str, dict[str, list[float]]] = {n: _empty() for n, _, _ in measured}
     model.eval()
     for index, layout in enumerate(layouts):
         path = Path(directory) / "images" / f"{index:05d}.png"
@@ -90,9 +98,10 @@ def context_attention_stats(
         with torch.no_grad(), recorded_block_inputs(model) as calls:
             model([{"image": tensor, "height": IMAGE_SIZE, "width": IMAGE_SIZE}])
         inputs = {name: x for name, _, x in calls}
-        for name, block in blocks:
-            if name in inputs:
-                _measure(block, inputs[name], layout, sums[name])
+        for name, block, term in measured:
+            source = name.split(":")[0]
+            if source in inputs:
+                _measure(block, inputs[source], layout, sums[name], term)
     return [
         AttentionStats(
             block=name,
@@ -104,7 +113,7 @@ def context_attention_stats(
             gate=_gate(block),
             branch=_mean(sums[name]["branch"]),
         )
-        for name, block in blocks
+        for name, block, _ in measured
     ]
 
 
@@ -116,13 +125,18 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _measure(block: NonLocalBlock, x: torch.Tensor, layout: dict, sums: dict) -> None:
+def _measure(
+    block: NonLocalBlock, x: torch.Tensor, layout: dict, sums: dict, term: str = "all"
+) -> None:
     height, width = x.shape[2:]
     stride = IMAGE_SIZE / width
     discs = layout["discs"]
     query = [int(d["center"][1] // stride) * width + int(d["center"][0] // stride) for d in discs]
     with torch.no_grad():
-        rows, key_shape = block.affinity(x, torch.tensor(query))
+        index = torch.tensor(query)
+        rows, key_shape = (
+            block.affinity(x, index) if term == "all" else block.affinity(x, index, term)
+        )
         out = block(x)
     rows = rows[0].double()  # (Q, M), one image
     m = rows.shape[1]

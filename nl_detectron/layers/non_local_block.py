@@ -395,12 +395,16 @@ class NonLocalBlock(CNNBlockBase):
     # ----------------------------------------------------------------------------------------
 
     @torch.jit.unused
-    def affinity(self, x: Tensor, query_index: Tensor) -> tuple[Tensor, list[int]]:
+    def affinity(
+        self, x: Tensor, query_index: Tensor, term: str = "all"
+    ) -> tuple[Tensor, list[int]]:
         """Normalised affinities ``f(x_i, x_j) / C(x)`` for chosen queries i (for visualisation).
 
         Args:
             x: ``(N, C, *S)`` input of the block.
             query_index: ``(Q,)`` integer indices into the flattened ``S`` (row-major order).
+            term: ``"all"``; for the disentangled form also ``"pairwise"`` (its whitened term)
+                or ``"unary"`` (its query-independent term), each summing to 1 over the keys.
 
         Returns:
             A ``(N, Q, M)`` tensor (float32 for half inputs), one row per query over the M key
@@ -410,10 +414,13 @@ class NonLocalBlock(CNNBlockBase):
             also under autocast.
         """
         self._check_input(x)
-        return float32_region(self._affinity, x, query_index)
+        terms = ("all", "pairwise", "unary") if self.pairwise == "disentangled" else ("all",)
+        if term not in terms:
+            raise ValueError(f"term {term!r} of a {self.pairwise} block; valid ones are {terms}.")
+        return float32_region(self._affinity, x, query_index, term)
 
     @torch.jit.unused
-    def _affinity(self, x: Tensor, query_index: Tensor) -> tuple[Tensor, list[int]]:
+    def _affinity(self, x: Tensor, query_index: Tensor, term: str) -> tuple[Tensor, list[int]]:
         # (N, C, *S) -> (N, C, HW)
         flat = x.flatten(2)
         keys, _, key_shape = self._keys_values(x, flat)
@@ -422,4 +429,7 @@ class NonLocalBlock(CNNBlockBase):
             flat, self._theta_weight(), self._theta_bias(), self._w_f()
         )
         queries = queries[..., query_index.to(device=x.device, dtype=torch.long)]
+        if term != "all":
+            pairwise, unary = self.pairwise_fn.terms(queries, keys)
+            return (pairwise if term == "pairwise" else unary), key_shape
         return self.pairwise_fn.rows(queries, keys, self._w_f()), key_shape

@@ -31,10 +31,10 @@ def test_cue_cells_of_a_band_and_of_a_key():
     assert sorted(zip(*np.nonzero(cells))) == [(3, 5), (3, 6), (4, 5), (4, 6)]
 
 
-def _model_and_split(tmp_path, variant: str, init: str = "normal"):
+def _model_and_split(tmp_path, variant: str, init: str = "normal", opts=()):
     from nl_detectron.config import load_config
 
-    cfg = load_config(str(NL_CONFIG), ["MODEL.DEVICE", "cpu", "MODEL.NONLOCAL.INIT", init])
+    cfg = load_config(str(NL_CONFIG), ["MODEL.DEVICE", "cpu", "MODEL.NONLOCAL.INIT", init, *opts])
     torch.manual_seed(0)
     model = Trainer.build_model(cfg)
     split = GeneratedSplit(f"nl_context_{variant}_val", 3, 77)
@@ -86,3 +86,13 @@ def test_a_map_on_each_disc_s_cue_gives_all_its_mass_to_the_cue(tmp_path, monkey
     assert stats.decoy_mass == 0.0  # nothing on the other disc's key
     assert stats.query_dependence == pytest.approx(1.0)  # the two discs' keys are apart
     assert stats.entropy < 0.5
+
+
+def test_a_disentangled_block_is_measured_with_and_without_its_unary_term(tmp_path):
+    model, split = _model_and_split(
+        tmp_path, "pair", "fan_in", ["MODEL.NONLOCAL.PAIRWISE", "disentangled"]
+    )
+    both, pairwise = context_attention_stats(model, split, num_images=3, root=tmp_path)
+    assert pairwise.block == both.block + ":pairwise"
+    # the unary term is the same for every query: it only dilutes the query dependence
+    assert pairwise.query_dependence > both.query_dependence > 0

@@ -449,3 +449,19 @@ def test_benchmark_naive_block_computes_the_same(pairwise):
     n, m = bench.SIZES["res3"].positions()
     assert (n, m) == (16800, 4200)
     assert bench.needed_bytes("naive", "concatenation", bench.SIZES["res3"]) > 8 * 2**30
+
+
+def test_disentangled_attention_terms():
+    block = randomise(NonLocalBlock(8, pairwise="disentangled")).double()
+    x = make_input(2, (5, 6))
+    index = torch.tensor([0, 7, 29])
+    rows, _ = block.affinity(x, index)
+    pairwise, _ = block.affinity(x, index, "pairwise")
+    unary, _ = block.affinity(x, index, "unary")
+    torch.testing.assert_close(rows, (pairwise + unary) / 2)
+    ones = torch.ones(2, 3, dtype=rows.dtype)
+    torch.testing.assert_close(pairwise.sum(2), ones)
+    torch.testing.assert_close(unary.sum(2), ones)
+    assert torch.equal(unary[:, 0], unary[:, 2])  # the same for every query
+    with pytest.raises(ValueError, match="valid ones are"):
+        randomise(NonLocalBlock(8)).affinity(x.float(), index, "pairwise")
