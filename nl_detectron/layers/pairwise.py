@@ -332,11 +332,10 @@ class Disentangled(_Softmax):
         + softmax_j(w_m^T x_j)``
 
     with s the logit scale, the means over the query and the key positions of each sample, T the
-    temperature
-    (0.05 in the authors' code) and ``w_m`` the block's ``conv_mask``. The authors find that the
-    whitened term learns relations between positions (within regions), while the unary term
-    carries the query-independent saliency that otherwise swamps it (GCNet's global context).
-    ``C(x) = 1``: each term sums to 1 over j.
+    temperature (0.05 in the authors' code) and ``w_m`` the block's ``conv_mask``. The authors
+    find that the whitened term learns relations between positions (within regions), while the
+    unary term carries the query-independent saliency that otherwise swamps it (GCNet's global
+    context). Each term is normalised: it sums to 1 over j.
 
     Trick: the pairwise term is fused attention on whitened queries and keys (never the
     ``HW x M`` map); the unary term is one ``(C', M) @ (M,)`` product per sample, the same for
