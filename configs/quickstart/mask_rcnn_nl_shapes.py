@@ -125,10 +125,10 @@ dataloader = {
     ),
 }
 
-# 400 iterations of 8 images at lr 0.05, each parameter's gradient norm clipped to 2.
+# 400 iterations of 8 images at lr 0.08, each parameter's gradient norm clipped to 2.
 optimizer = L(clipped_sgd)(
     params=L(get_default_optimizer_params)(weight_decay_norm=0.0),
-    lr=0.05,
+    lr=0.08,
     momentum=0.9,
     weight_decay=1e-4,
     clip_value=2.0,
