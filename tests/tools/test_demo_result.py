@@ -1,0 +1,32 @@
+"""The last line of make demo: the run's AP beside the range the README documents."""
+
+import json
+import sys
+
+from training_runs import REPO
+
+sys.path.insert(0, str(REPO / "tools"))
+
+import demo_result  # noqa: E402
+
+
+def _run(tmp_path, aps):
+    records = [{"iteration": 19, "total_loss": 9.0}, {"iteration": 399, **aps}]
+    (tmp_path / "metrics.json").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    return str(tmp_path)
+
+
+def test_line_says_whether_the_run_is_inside_the_documented_range(tmp_path):
+    medians = {f"{task}/AP": mid for task, (_, mid, _) in demo_result.DOCUMENTED.items()}
+    line = demo_result.result_line(_run(tmp_path, medians))
+    assert line.startswith("Demo result: box / mask / keypoint AP ") and line.endswith("inside.")
+    low = {**medians, "segm/AP": demo_result.DOCUMENTED["segm"][0] - 1}
+    assert demo_result.result_line(_run(tmp_path, low)).endswith("OUTSIDE the range.")
+
+
+def test_documented_range_is_the_readmes():
+    readme = (REPO / "README.md").read_text()
+    cells = [f"{lo}-{hi}" for lo, _, hi in demo_result.DOCUMENTED.values()]
+    assert f"| range | {' | '.join(cells)} |" in readme
+    medians = [str(mid) for _, mid, _ in demo_result.DOCUMENTED.values()]
+    assert f"| median over seeds 0-4 | {' | '.join(medians)} |" in readme
