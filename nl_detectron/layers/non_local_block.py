@@ -215,7 +215,8 @@ class NonLocalBlock(CNNBlockBase):
         self._check_input(x)
         # (N, C, *S) -> (N, C, HW), a view
         flat = x.flatten(2)
-        # Keys and values, sub-sampled: (N, C', M) each (keys (N, C, M) for the Gaussian form)
+        # Keys and values, sub-sampled: (N, K, M), (N, C', M); K = C' (phi), C (the Gaussian
+        # form's x), C' + 1 (phi and the unary logits: disentangled) or 1 (global context)
         keys, values, _ = self._keys_values(x, flat)
         # norm(W_z y + b_z): (N, C, *S)
         if torch.jit.is_scripting():
