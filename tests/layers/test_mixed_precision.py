@@ -45,9 +45,11 @@ def test_block_under_bfloat16_autocast(pairwise):
     expected = block(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = block(x)
-    # bf16 keeps 8 bits of mantissa: agreement to about 1 % of the output's scale
-    scale = expected.abs().max()
-    torch.testing.assert_close(out.float(), expected, rtol=0, atol=0.02 * scale.item())
+    # bf16 keeps 8 bits of mantissa: agreement to about 1 % in norm (a single element can move
+    # more where a max-pool window or a peaked softmax row flips with the rounding)
+    error = (out.float() - expected).norm() / expected.norm()
+    assert error < 0.02, error
+    assert torch.isfinite(out).all()
     out.float().sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in block.parameters())
 
