@@ -32,14 +32,16 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tools"))
 
 from common import cpu_name, git_revision, load_average  # noqa: E402
-from pretrain_context import ensure_pretrained  # noqa: E402
+from pretrain_context import cache_of, ensure_pretrained  # noqa: E402
 
 VARIANTS = ("image", "pair", "image_local", "pair_local")
 # The models compared: no block, GCNet's query-independent control, the non-local block, DNL;
-# each from scratch and fine-tuned from the marks pretext (tools/pretrain_context.py).
+# each from scratch and fine-tuned from a pretext's detector (tools/pretrain_context.py): the
+# model name's suffix says which.
+PRETEXT_OF_SUFFIX = {"": None, "_pretext": "marks", "_pretext_colours": "marks_colours"}
 CONFIGS = {
-    f"{model}{pretext}": REPO / "configs" / "context" / f"mask_rcnn_{model}_context{pretext}.yaml"
-    for pretext in ("", "_pretext")
+    f"{model}{suffix}": REPO / "configs" / "context" / f"mask_rcnn_{model}_context{suffix}.yaml"
+    for suffix in PRETEXT_OF_SUFFIX
     for model in ("baseline", "gc", "nl", "dnl")
 }
 DEFAULT_MODELS = ("baseline", "gc", "nl", "dnl")
@@ -47,9 +49,13 @@ DEFAULT_MODELS = ("baseline", "gc", "nl", "dnl")
 BLOCK_MODELS = tuple(m for m in CONFIGS if not m.startswith("baseline"))
 
 
+def _suffix(model: str) -> str:
+    return next(s for s in sorted(PRETEXT_OF_SUFFIX, key=len, reverse=True) if model.endswith(s))
+
+
 def baseline_of(model: str) -> str:
     """The model without a block that ``model`` is compared with (same initialisation)."""
-    return "baseline_pretext" if model.endswith("_pretext") else "baseline"
+    return "baseline" + _suffix(model)
 
 
 ATTENTION_IMAGES = 3  # validation images drawn with the NL model's attention, per variant
@@ -307,8 +313,9 @@ def main() -> None:
         # models of an earlier call into the same output are kept beside these
         entry: dict = results["variants"].get(variant, {})
         for model in args.models:
-            if model.endswith("_pretext"):
-                ensure_pretrained()
+            pretext = PRETEXT_OF_SUFFIX[_suffix(model)]
+            if pretext:
+                ensure_pretrained(cache_of(pretext), pretext=pretext)
             aps = []
             for seed in args.seeds:
                 directory = run_dir(args.output, variant, model, seed)

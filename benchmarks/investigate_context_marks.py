@@ -7,7 +7,9 @@ For the validation images, the NL block's input is taken at each disc's centre a
 tile's centre, and a linear softmax probe for the mark (3 classes, chance 1/3) is fitted:
 
 - ``discs`` / ``keys``: fitted on one half of the discs (keys), accuracy on the other half;
-- ``discs -> keys``: fitted on all discs, accuracy on all keys (a code shared by both).
+- ``discs -> keys``: fitted on all discs, accuracy on all keys (a code shared by both);
+- ``key colour``: the key's colour (its disc's category) at the key's centre, fitted on one half
+  of the keys: what the block's values must carry from the matched key.
 
     python benchmarks/investigate_context_marks.py RUN_DIR [RUN_DIR ...]
 """
@@ -29,8 +31,8 @@ PROBE_STEPS, PROBE_LR, PROBE_DECAY = 500, 0.1, 1e-3
 
 
 def block_inputs_at_marks(run_dir: Path, num_images: int) -> dict[str, tuple[np.ndarray, ...]]:
-    """``{"discs": (features, marks), "keys": (features, marks)}``: the first NL block's input
-    at each disc's and each key's centre cell."""
+    """``{"discs": (features, marks), "keys": (features, marks), "key colour": (features,
+    colours)}``: the first NL block's input at each disc's and each key's centre cell."""
     from detectron2.data import detection_utils
 
     from nl_detectron.checkpoint import NonLocalCheckpointer
@@ -57,7 +59,10 @@ def block_inputs_at_marks(run_dir: Path, num_images: int) -> dict[str, tuple[np.
                 cx, cy = item["center"]
                 found[kind][0].append(x[:, int(cy // stride), int(cx // stride)].numpy())
                 found[kind][1].append(item["mark"])
-    return {kind: (np.stack(f), np.array(m)) for kind, (f, m) in found.items()}
+    data = {kind: (np.stack(f), np.array(m)) for kind, (f, m) in found.items()}
+    colours = [key["color"] for layout in layouts for key in layout["keys"]]
+    data["key colour"] = (data["keys"][0], np.array(colours))
+    return data
 
 
 def fit_probe(features: np.ndarray, labels: np.ndarray):
@@ -82,7 +87,7 @@ def probe(run_dir: Path, num_images: int) -> dict[str, float]:
     for kind, (x, y) in data.items():
         half = len(y) // 2
         out[kind] = float((fit_probe(x[:half], y[:half])(x[half:]) == y[half:]).mean())
-    (xd, yd), (xk, yk) = data["discs"], data["keys"]
+    (xd, yd), (xk, yk) = data["discs"], data["keys"]  # "key colour": the keys' features
     out["discs -> keys"] = float((fit_probe(xd, yd)(xk) == yk).mean())
     return out
 
@@ -95,7 +100,7 @@ def main() -> None:
     from nl_detectron.third_party_warnings import ignore_known_third_party_warnings
 
     ignore_known_third_party_warnings()
-    keys = ("discs", "keys", "discs -> keys")
+    keys = ("discs", "keys", "discs -> keys", "key colour")
     print("| run | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for run_dir in args.run_dirs:

@@ -3,6 +3,7 @@
 
     python tools/pretrain_context.py                         # -> datasets/generated/pretrained/
     python tools/pretrain_context.py SEED 1                  # overrides for the pretext run
+    python tools/pretrain_context.py --pretext marks_colours # keys also labelled by colour
 
 The pretext (``configs/context/pretext_marks.yaml``) is the context baseline trained to detect
 every disc and key tile of ``pair``-like images by its kind and mark; its labels name neither a
@@ -23,23 +24,34 @@ from pathlib import Path
 from nl_detectron.atomic_files import atomic_write
 
 REPO = Path(__file__).resolve().parents[1]
-PRETEXT_CONFIG = REPO / "configs" / "context" / "pretext_marks.yaml"
-# Where the *_context_pretext configs read it (MODEL.WEIGHTS).
-CACHE = REPO / "datasets" / "generated" / "pretrained" / "context_marks.pth"
+PRETEXTS = ("marks", "marks_colours")  # configs/context/pretext_<name>.yaml
 
 
-def ensure_pretrained(cache: Path = CACHE, opts: list[str] | None = None) -> Path:
-    """The cached pretext detector, trained first if it is not there yet."""
+def cache_of(pretext: str) -> Path:
+    """Where a pretext's detector is cached (the *_context_pretext configs read ``marks``'s)."""
+    return REPO / "datasets" / "generated" / "pretrained" / f"context_{pretext}.pth"
+
+
+CACHE = cache_of("marks")
+
+
+def ensure_pretrained(
+    cache: Path = CACHE, opts: list[str] | None = None, pretext: str = "marks"
+) -> Path:
+    """The cached detector of ``pretext``, trained first if it is not there yet."""
     if cache.is_file():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
     run = cache.with_name(cache.stem + ".run")
     shutil.rmtree(run, ignore_errors=True)  # a run that did not finish
     command = [
-        sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file", str(PRETEXT_CONFIG),
+        sys.executable, str(REPO / "tools" / "train_net.py"), "--config-file",
+        str(REPO / "configs" / "context" / f"pretext_{pretext}.yaml"),
         *(opts or []), "OUTPUT_DIR", str(run),
     ]  # fmt: skip
-    print(f"Training the marks pretext into {run} (about as long as one context run)", flush=True)
+    print(
+        f"Training the {pretext} pretext into {run} (about as long as one context run)", flush=True
+    )
     proc = subprocess.run(command, cwd=REPO)
     final = run / "model_final.pth"
     if proc.returncode != 0 or not final.is_file():
@@ -53,10 +65,11 @@ def ensure_pretrained(cache: Path = CACHE, opts: list[str] | None = None) -> Pat
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=CACHE, help="the cache file")
+    parser.add_argument("--pretext", choices=PRETEXTS, default="marks")
+    parser.add_argument("--output", type=Path, help="the cache file (default: the pretext's)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pretext overrides")
     args = parser.parse_args(argv)
-    print(ensure_pretrained(args.output, args.opts))
+    print(ensure_pretrained(args.output or cache_of(args.pretext), args.opts, args.pretext))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ textured background. What decides its category (red, green or blue) depends on t
   random key colours, in which every disc and every key tile is an object labelled by its kind
   and its mark. A detector trained on it codes a disc's mark and its key's mark alike; it learns
   nothing of the categories (no label names a colour) nor of which key goes with which disc.
+- ``marks_colours``: the same images (the same seeds), each key tile labelled by its mark and
+  its frame's colour (:data:`MARKS_COLOURS_CLASSES`): the features also code a key's colour, the
+  value a matched key must give its disc. Key colours are random, so no label says which key
+  belongs to which disc, nor a disc's category.
 
 Distances are Chebyshev (``max(|dx|, |dy|)``, the metric of a CNN's square receptive field),
 from a disc's centre to the nearest pixel of the cue. They exceed the receptive field of the
@@ -52,6 +56,7 @@ __all__ = [
     "IMAGE_SIZE",
     "KEY_SIZE",
     "MARKS_CLASSES",
+    "MARKS_COLOURS_CLASSES",
     "MARKS_SPLITS",
     "MIN_CUE_DISTANCE",
     "context_split_dir",
@@ -71,6 +76,11 @@ CONTEXT_CLASSES = ("red", "green", "blue")
 CONTEXT_VARIANTS = ("image", "pair", "image_local", "pair_local")
 # The pretext's categories: each disc and each key tile by its mark.
 MARKS_CLASSES = ("disc hbar", "disc vbar", "disc ring", "key hbar", "key vbar", "key ring")
+# The second pretext's: each disc by its mark, each key tile by its mark and colour.
+MARKS_COLOURS_CLASSES = MARKS_CLASSES[:3] + tuple(
+    f"{name} {colour}" for name in MARKS_CLASSES[3:] for colour in CONTEXT_CLASSES
+)
+PRETEXT_CLASSES = {"marks": MARKS_CLASSES, "marks_colours": MARKS_COLOURS_CLASSES}
 _COLORS = np.array([[220, 40, 40], [40, 190, 40], [50, 90, 235]], dtype=np.float32)
 IMAGE_SIZE = 192  # square images, pixels
 MIN_CUE_DISTANCE = 96.0  # Chebyshev, from a disc's centre to the nearest pixel of its cue, px
@@ -91,9 +101,11 @@ CONTEXT_SPLITS: tuple[GeneratedSplit, ...] = tuple(
 )
 
 
-MARKS_SPLITS: tuple[GeneratedSplit, ...] = (
-    GeneratedSplit("nl_context_marks_train", _NUM_TRAIN, 7000),
-    GeneratedSplit("nl_context_marks_val", _NUM_VAL, 7100),
+# Both pretexts draw the same images; only their labels differ.
+MARKS_SPLITS: tuple[GeneratedSplit, ...] = tuple(
+    GeneratedSplit(f"nl_context_{pretext}_{part}", num, seed)
+    for pretext in PRETEXT_CLASSES
+    for part, num, seed in (("train", _NUM_TRAIN, 7000), ("val", _NUM_VAL, 7100))
 )
 
 
@@ -181,9 +193,9 @@ def _band_distance(x: float, y: float, side: int) -> float:
 def _layout(rng: np.random.Generator, variant: str) -> dict | None:
     """Discs (centre, radius, category, mark), the band (side, colour) or keys (centre, mark,
     colour); None when the random placement failed (the caller draws again)."""
-    pair = variant.startswith("pair") or variant == "marks"
-    # keys of random colours: the local control, and the pretext (which never sees a category)
-    random_keys = variant.endswith("local") or variant == "marks"
+    pair = variant.startswith("pair") or variant in PRETEXT_CLASSES
+    # keys of random colours: the local control, and the pretexts (which never see a category)
+    random_keys = variant.endswith("local") or variant in PRETEXT_CLASSES
     discs, keep_away = [], []
     if pair:
         categories = rng.choice(3, size=2, replace=False)
@@ -295,15 +307,17 @@ def _annotation(disc: dict) -> dict:
     return _polygon_annotation(_disc_polygon(*disc["center"], disc["radius"]), disc["category"])
 
 
-def _marks_annotations(layout: dict) -> list[dict]:
-    """The pretext's objects: each disc (category: its mark) and each key tile (3 + its mark)."""
+def _marks_annotations(layout: dict, colours: bool) -> list[dict]:
+    """A pretext's objects: each disc (category: its mark) and each key tile (3 + its mark, or
+    with ``colours`` 3 + 3 x its mark + its colour)."""
     objects = [_polygon_annotation(_disc_polygon(*d["center"], d["radius"]), int(d["mark"]))
                for d in layout["discs"]]  # fmt: skip
     h = KEY_SIZE / 2
     for key in layout["keys"]:
         (cx, cy), mark = key["center"], int(key["mark"])
         square = np.array([[cx - h, cy - h], [cx + h, cy - h], [cx + h, cy + h], [cx - h, cy + h]])
-        objects.append(_polygon_annotation(np.round(square, 2), len(_MARKS) + mark))
+        label = len(_MARKS) + (len(CONTEXT_CLASSES) * mark + int(key["color"]) if colours else mark)
+        objects.append(_polygon_annotation(np.round(square, 2), label))
     return objects
 
 
@@ -347,8 +361,8 @@ def generate_context_split(split: GeneratedSplit, out_dir: str | Path) -> None:
             {"id": image_id, "file_name": file_name, "width": IMAGE_SIZE, "height": IMAGE_SIZE}
         )
         objects = (
-            _marks_annotations(layout)
-            if variant == "marks"
+            _marks_annotations(layout, colours=variant == "marks_colours")
+            if variant in PRETEXT_CLASSES
             else [_annotation(d) for d in layout["discs"]]
         )
         for annotation in objects:
@@ -364,7 +378,7 @@ def generate_context_split(split: GeneratedSplit, out_dir: str | Path) -> None:
         "annotations": annotations,
         "categories": [
             {"id": i + 1, "name": n, "supercategory": "disc"}
-            for i, n in enumerate(MARKS_CLASSES if variant == "marks" else CONTEXT_CLASSES)
+            for i, n in enumerate(PRETEXT_CLASSES.get(variant, CONTEXT_CLASSES))
         ],
     }
     with open(out_dir / "annotations.json", "w", encoding="utf-8") as f:
@@ -395,10 +409,14 @@ def ensure_context_split(split: GeneratedSplit, root: str | Path | None = None) 
 
 
 def register_context_datasets(root: str | Path | None = None) -> None:
-    """Register :data:`CONTEXT_SPLITS` and the pretext's :data:`MARKS_SPLITS` with Detectron2's
+    """Register :data:`CONTEXT_SPLITS` and the pretexts' :data:`MARKS_SPLITS` with Detectron2's
     catalogs (generated when first loaded)."""
     root = default_generated_root() if root is None else Path(root)
-    for splits, classes in ((CONTEXT_SPLITS, CONTEXT_CLASSES), (MARKS_SPLITS, MARKS_CLASSES)):
+    groups = [(CONTEXT_SPLITS, CONTEXT_CLASSES)] + [
+        ([s for s in MARKS_SPLITS if _variant(s) == pretext], classes)
+        for pretext, classes in PRETEXT_CLASSES.items()
+    ]
+    for splits, classes in groups:
         register_generated_splits(
             splits,
             directory=lambda split: context_split_dir(root, split),

@@ -102,7 +102,8 @@ def test_context_quick(tmp_path: Path) -> None:
     nl_run = str(tmp_path / "pair" / "nl_seed0")
     out = run_script("investigate_context_marks.py", nl_run, "--num-images", "10", quick=False)
     (row,) = table_rows(out, "nl_seed0")
-    assert all(0 <= float(cell) <= 1 for cell in row.strip("| ").split(" | ")[1:]), row
+    accuracies = [float(cell) for cell in row.strip("| ").split(" | ")[1:]]
+    assert len(accuracies) == 4 and all(0 <= a <= 1 for a in accuracies), row
     out = run_script("investigate_context_roi_features.py", nl_run, "--variant", "pair",
                      "--num-images", "5", quick=False)  # fmt: skip
     (row,) = table_rows(out, "nl_seed0")

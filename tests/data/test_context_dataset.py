@@ -108,3 +108,36 @@ def test_marks_pretext_labels_marks_not_categories(tmp_path):
     categories = [d["category"] for layout in layouts for d in layout["discs"]]
     assert colours != categories  # key colours are drawn at random, not the discs' categories
     assert MetadataCatalog.get(MARKS_SPLITS[0].name).thing_classes == list(MARKS_CLASSES)
+
+
+def test_marks_colours_pretext_adds_the_key_colour_to_the_same_images(tmp_path):
+    # The second pretext: the marks pretext's images (same seeds), each key labelled by its mark
+    # and colour; a disc still by its mark alone, so no label gives a disc's category.
+    import json
+
+    from nl_detectron.data import MARKS_COLOURS_CLASSES
+
+    for variant in ("marks", "marks_colours"):
+        generate_context_split(
+            GeneratedSplit(f"nl_context_{variant}_val", 4, 321), tmp_path / variant
+        )
+    for index in range(4):
+        name = f"{index:05d}.png"
+        assert (tmp_path / "marks" / "images" / name).read_bytes() == (
+            tmp_path / "marks_colours" / "images" / name
+        ).read_bytes()
+    dicts = load_coco_json(
+        str(tmp_path / "marks_colours" / "annotations.json"),
+        str(tmp_path / "marks_colours" / "images"),
+    )
+    layouts = json.loads((tmp_path / "marks_colours" / "layout.json").read_text())
+    for record, layout in zip(dicts, layouts):
+        names = sorted(MARKS_COLOURS_CLASSES[a["category_id"] - 1] for a in record["annotations"])
+        marks = ("hbar", "vbar", "ring")
+        expected = [f"disc {marks[d['mark']]}" for d in layout["discs"]] + [
+            f"key {marks[k['mark']]} {CONTEXT_CLASSES[k['color']]}" for k in layout["keys"]
+        ]
+        assert names == sorted(expected)
+    assert MetadataCatalog.get("nl_context_marks_colours_val").thing_classes == list(
+        MARKS_COLOURS_CLASSES
+    )
