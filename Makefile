@@ -66,14 +66,15 @@ test-main: main-source
 
 demo-main: main-source
 	$(MAKE) demo VENV=$(MAIN_VENV) DETECTRON2_SOURCE=$(abspath $(MAIN_SOURCE)) \
-		DEMO_OUTPUT=output/demo_main
+		DEMO_OUTPUT=output/demo_main DEMO_HOST=main
 
 DEMO_OUTPUT ?= output/demo
+DEMO_HOST ?= v0.6
 demo: $(READY)
 	$(PY) tools/train_net.py --config-file configs/quickstart/mask_rcnn_nl_shapes.yaml \
 		OUTPUT_DIR $(DEMO_OUTPUT)
 	$(PY) tools/demo_figures.py $(DEMO_OUTPUT) --output $(DEMO_OUTPUT)
-	@$(PY) tools/demo_result.py $(DEMO_OUTPUT)
+	@$(PY) tools/demo_result.py $(DEMO_OUTPUT) --host $(DEMO_HOST)
 
 # Baseline, GC, NL and DNL trained on every variant of the context data, 2 seeds: box / mask AP,
 # gains, attention statistics and maps in output/evidence (docs/evidence.md). 32 runs of 5-7 min
