@@ -20,7 +20,8 @@ def test_line_says_whether_the_run_is_inside_the_documented_range(tmp_path):
     for host, documented in demo_result.DOCUMENTED.items():
         medians = {f"{task}/AP": mid for task, (_, mid, _) in documented.items()}
         line = demo_result.result_line(_run(tmp_path, medians), host)
-        assert line.startswith("Demo result: box / mask / keypoint AP ") and line.endswith("inside.")
+        assert line.startswith("Demo result: box / mask / keypoint AP ")
+        assert line.endswith("inside.")
         assert f"Detectron2 {host}" in line
         low = {**medians, "segm/AP": documented["segm"][0] - 1}
         assert demo_result.result_line(_run(tmp_path, low), host).endswith("OUTSIDE the range.")
