@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO / "tools"))
 
 from common import cpu_name, git_revision, load_average  # noqa: E402
-from pretrain_context import cache_of, ensure_pretrained  # noqa: E402
+from pretrain_context import ensure_pretrained  # noqa: E402
 
 VARIANTS = ("image", "pair", "image_local", "pair_local")
 # The models compared: no block, GCNet's query-independent control, the non-local block, DNL;
@@ -315,7 +315,7 @@ def main() -> None:
         for model in args.models:
             pretext = PRETEXT_OF_SUFFIX[_suffix(model)]
             if pretext:
-                ensure_pretrained(cache_of(pretext), pretext=pretext)
+                ensure_pretrained(pretext)
             aps = []
             for seed in args.seeds:
                 directory = run_dir(args.output, variant, model, seed)

@@ -87,7 +87,7 @@ def probe(run_dir: Path, num_images: int) -> dict[str, float]:
     for kind, (x, y) in data.items():
         half = len(y) // 2
         out[kind] = float((fit_probe(x[:half], y[:half])(x[half:]) == y[half:]).mean())
-    (xd, yd), (xk, yk) = data["discs"], data["keys"]  # "key colour": the keys' features
+    (xd, yd), (xk, yk) = data["discs"], data["keys"]
     out["discs -> keys"] = float((fit_probe(xd, yd)(xk) == yk).mean())
     return out
 

@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 
 from nl_detectron.atomic_files import atomic_write
+from nl_detectron.data.context import PRETEXT_CLASSES
 
 REPO = Path(__file__).resolve().parents[1]
-PRETEXTS = ("marks", "marks_colours")  # configs/context/pretext_<name>.yaml
 
 
 def cache_of(pretext: str) -> Path:
@@ -32,13 +32,12 @@ def cache_of(pretext: str) -> Path:
     return REPO / "datasets" / "generated" / "pretrained" / f"context_{pretext}.pth"
 
 
-CACHE = cache_of("marks")
-
-
 def ensure_pretrained(
-    cache: Path = CACHE, opts: list[str] | None = None, pretext: str = "marks"
+    pretext: str = "marks", opts: list[str] | None = None, cache: Path | None = None
 ) -> Path:
-    """The cached detector of ``pretext``, trained first if it is not there yet."""
+    """The cached detector of ``pretext`` (configs/context/pretext_<pretext>.yaml), trained
+    first if it is not there yet; ``cache`` defaults to :func:`cache_of` the pretext."""
+    cache = cache_of(pretext) if cache is None else cache
     if cache.is_file():
         return cache
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -65,11 +64,11 @@ def ensure_pretrained(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretext", choices=PRETEXTS, default="marks")
+    parser.add_argument("--pretext", choices=list(PRETEXT_CLASSES), default="marks")
     parser.add_argument("--output", type=Path, help="the cache file (default: the pretext's)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE pretext overrides")
     args = parser.parse_args(argv)
-    print(ensure_pretrained(args.output or cache_of(args.pretext), args.opts, args.pretext))
+    print(ensure_pretrained(args.pretext, args.opts, args.output))
 
 
 if __name__ == "__main__":

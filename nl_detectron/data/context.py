@@ -59,6 +59,7 @@ __all__ = [
     "MARKS_COLOURS_CLASSES",
     "MARKS_SPLITS",
     "MIN_CUE_DISTANCE",
+    "PRETEXT_CLASSES",
     "context_split_dir",
     "cue_box",
     "cue_mask",
