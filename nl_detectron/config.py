@@ -83,6 +83,11 @@ def add_nonlocal_config(cfg: CN) -> None:
     # Learning rate of the NL blocks' parameters as a multiple of SOLVER.BASE_LR (the schedule
     # and warm-up apply as to the rest). Paper: 1 (not stated otherwise).
     _C.MODEL.NONLOCAL.LR_FACTOR = 1.0
+    # The update rule of the NL blocks' parameters: "SGD" (the detector's, SOLVER.MOMENTUM and
+    # the rest) or "AdamW" (at LR_FACTOR x SOLVER.BASE_LR, e.g. 0.02 x 0.05 = 1e-3, with the
+    # same schedule; the rest of the detector keeps SGD). AdamW's step does not shrink with the
+    # small gradients a near-uniform attention gives theta and phi (docs/evidence.md).
+    _C.MODEL.NONLOCAL.OPTIMIZER = "SGD"
 
     # A norm after each conv of NonLocalKRCNNConvDeconvUpsampleHead ("GN", "BN", ...), as the box
     # and mask heads' NORM; "": none, the paper's and Detectron2's keypoint head.

@@ -27,6 +27,9 @@ from .errors import UserInputError
 
 __all__ = ["check_inputs", "check_lazy_inputs"]
 
+# MODEL.NONLOCAL.OPTIMIZER's values (nl_detectron.engine.Trainer.build_optimizer)
+NON_LOCAL_OPTIMIZERS = ("SGD", "AdamW")
+
 # Metadata keys that builtin detectron2 datasets use for files and directories on disk.
 _PATH_KEYS = (
     "json_file",
@@ -72,6 +75,7 @@ def check_inputs(
             *_weights_problems(cfg.MODEL.WEIGHTS, cfg.OUTPUT_DIR, eval_only, resume, YACS_KEYS),
             *_keypoint_problems(cfg),
             *_schedule_problems(cfg),
+            *_optimizer_problems(cfg),
         ]
     )
 
@@ -356,6 +360,18 @@ def _schedule_problems(cfg: CfgNode) -> Iterable[str]:
             f"drops must be positive and strictly increasing (and below SOLVER.MAX_ITER "
             f'{solver.MAX_ITER}), e.g. SOLVER.STEPS "({int(solver.MAX_ITER * 0.75)}, '
             f'{int(solver.MAX_ITER * 0.9)})".'
+        )
+
+
+def _optimizer_problems(cfg: CfgNode) -> Iterable[str]:
+    """The NL blocks' update rule, read only once the model is built."""
+    node = cfg.MODEL.get("NONLOCAL")
+    name = node.get("OPTIMIZER", "SGD") if node is not None else "SGD"
+    if name not in NON_LOCAL_OPTIMIZERS:
+        yield (
+            f"MODEL.NONLOCAL.OPTIMIZER is {name!r}: the NL blocks' parameters are updated by "
+            f"one of {', '.join(map(repr, NON_LOCAL_OPTIMIZERS))}, e.g. "
+            f'MODEL.NONLOCAL.OPTIMIZER "SGD" (the detector\'s own).'
         )
 
 

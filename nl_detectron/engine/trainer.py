@@ -12,6 +12,7 @@ import torch
 from detectron2.config import CfgNode
 from detectron2.data import build_detection_test_loader
 from detectron2.engine import DefaultTrainer, TrainerBase, hooks
+from detectron2.solver.build import maybe_add_gradient_clipping
 from detectron2.utils import comm
 from torch import nn
 
@@ -26,6 +27,7 @@ from ..evaluation import FastCOCOEvaluator
 from ..evaluation.metrics_file import main_metric_of
 from ..layers import non_local_blocks
 from .amp import amp_trainer_of_default_trainer
+from .block_optimizer import ADAMW_KEY, SGDWithAdamWGroups
 from .divergence import (
     TrainingDivergedError,
     diverged_message,
@@ -93,20 +95,33 @@ class Trainer(DefaultTrainer):
     def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
         """detectron2's optimizer; the NL blocks' parameters at ``MODEL.NONLOCAL.LR_FACTOR``
         times the learning rate of the others (each in its own parameter group, so the
-        schedule scales both alike)."""
+        schedule scales both alike), updated by AdamW instead of SGD with
+        ``MODEL.NONLOCAL.OPTIMIZER "AdamW"`` (:mod:`.block_optimizer`)."""
         optimizer = super().build_optimizer(cfg, model)
-        factor = cfg.MODEL.NONLOCAL.LR_FACTOR if "NONLOCAL" in cfg.MODEL else 1.0
-        if factor == 1.0:
-            return optimizer
+        node = cfg.MODEL.get("NONLOCAL")
+        factor = node.LR_FACTOR if node is not None else 1.0
+        adamw = node is not None and node.get("OPTIMIZER", "SGD") == "AdamW"
         ids = {id(p) for _, block in non_local_blocks(model) for p in block.parameters()}
+        if not ids or (factor == 1.0 and not adamw):
+            return optimizer
         groups, optimizer.param_groups = optimizer.param_groups, []
         for group in groups:
             non_local = [p for p in group["params"] if id(p) in ids]
             others = [p for p in group["params"] if id(p) not in ids]
             for params, lr in ((others, group["lr"]), (non_local, group["lr"] * factor)):
                 if params:
-                    optimizer.param_groups.append({**group, "params": params, "lr": lr})
-        return optimizer
+                    mark = {ADAMW_KEY: True} if adamw and params is non_local else {}
+                    optimizer.param_groups.append({**group, "params": params, "lr": lr, **mark})
+        if not adamw:
+            return optimizer
+        solver = cfg.SOLVER
+        return maybe_add_gradient_clipping(cfg, SGDWithAdamWGroups)(
+            optimizer.param_groups,
+            lr=solver.BASE_LR,
+            momentum=solver.MOMENTUM,
+            nesterov=solver.NESTEROV,
+            weight_decay=solver.WEIGHT_DECAY,
+        )
 
     @classmethod
     def build_train_loader(cls, cfg: CfgNode) -> ResumableTrainLoader:

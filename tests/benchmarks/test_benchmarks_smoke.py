@@ -104,6 +104,14 @@ def test_context_quick(tmp_path: Path) -> None:
     (row,) = table_rows(out, "nl_seed0")
     accuracies = [float(cell) for cell in row.strip("| ").split(" | ")[1:]]
     assert len(accuracies) == 4 and all(0 <= a <= 1 for a in accuracies), row
+    # The block alone on the trained baseline's features (the pretext detector's by default).
+    out = run_script("investigate_context_block_alone.py", "--weights",
+                     str(tmp_path / "pair" / "baseline_seed0"), "--train-images", "16",
+                     "--steps", "3", quick=False)  # fmt: skip
+    last = out.strip().splitlines()[-1]
+    figures = re.fullmatch(r"step +3: accuracy ([\d.]+), own key ([\d.]+), other key ([\d.]+), "
+                           r"query dependence ([\d.]+)", last)  # fmt: skip
+    assert figures and all(0 <= float(f) <= 1 + 1e-6 for f in figures.groups()), out
     out = run_script("investigate_context_roi_features.py", nl_run, "--variant", "pair",
                      "--num-images", "5", quick=False)  # fmt: skip
     (row,) = table_rows(out, "nl_seed0")
