@@ -8,6 +8,8 @@ schedule has them; nothing else trains.
 
 - ``--optimizer``: ``sgd`` (momentum 0.9, as the detector; the learning rate is the detector's
   NL parameters', 10 x 0.05) or ``adamw`` (what MODEL.NONLOCAL.OPTIMIZER "AdamW" gives them).
+- ``--background K``: K random points per disc, anywhere in the image, classified too (a fourth
+  class), as the detector's RoI heads classify sampled background boxes.
 - ``--head``: ``center`` (a linear classifier of the 3 x 3 cells around the disc's centre),
   ``roi_linear`` (a linear classifier of a 7 x 7 RoIAlign of the disc's box, as the detector's
   pooler), ``roi_1fc`` or ``roi_2fc`` (the same RoI through one or two FC layers of 256 with
@@ -100,18 +102,18 @@ def discs_of(layouts: list[dict]) -> list[tuple[int, float, float, int]]:
 class DiscClassifier(nn.Module):
     """A disc's category from the block's output around it (the ``--head`` kinds)."""
 
-    def __init__(self, kind: str, channels: int) -> None:
+    def __init__(self, kind: str, channels: int, num_classes: int) -> None:
         super().__init__()
         self.kind = kind
         if kind == "center":
-            self.layers = nn.Linear(channels * 9, 3)
+            self.layers = nn.Linear(channels * 9, num_classes)
         elif kind == "roi_linear":
-            self.layers = nn.Linear(channels * 49, 3)
+            self.layers = nn.Linear(channels * 49, num_classes)
         else:
             fc = [nn.Linear(channels * 49, 256), nn.ReLU()]
             if kind == "roi_2fc":
                 fc += [nn.Linear(256, 256), nn.ReLU()]
-            self.layers = nn.Sequential(*fc, nn.Linear(256, 3))
+            self.layers = nn.Sequential(*fc, nn.Linear(256, num_classes))
 
     def forward(self, y: torch.Tensor, discs: list[tuple[int, float, float, int]]) -> torch.Tensor:
         from torchvision.ops import roi_align
@@ -123,7 +125,7 @@ class DiscClassifier(nn.Module):
             return self.layers(torch.stack(rows))
         half = DISC_BOX / 2
         boxes = [[b, cx - half, cy - half, cx + half, cy + half] for b, cx, cy, _ in discs]
-        pooled = roi_align(y, torch.tensor(boxes), 7, 1 / STRIDE, 2, aligned=True)
+        pooled = roi_align(y, torch.tensor(boxes, dtype=y.dtype), 7, 1 / STRIDE, 2, aligned=True)
         return self.layers(pooled.flatten(1))
 
 
@@ -161,7 +163,8 @@ def train(args: argparse.Namespace, data: dict) -> list[dict]:
         gate_init=args.gate_init,
         temperature=args.temperature,
     )
-    head = DiscClassifier(args.head, train_maps.shape[1])
+    # categories, and with --background a fourth class: background
+    head = DiscClassifier(args.head, train_maps.shape[1], 3 + bool(args.background))
     params = [*block.parameters(), *head.parameters()]
     if args.optimizer == "adamw":
         optimizer = torch.optim.AdamW(params, lr=ADAMW_LR, weight_decay=1e-4)
@@ -176,7 +179,7 @@ def train(args: argparse.Namespace, data: dict) -> list[dict]:
             block.eval(), head.eval()
             with torch.no_grad():
                 logits = head(block(val_maps.float()), val_discs)
-            accuracy = float((logits.argmax(1) == val_categories).float().mean())
+            accuracy = float((logits[:, :3].argmax(1) == val_categories).float().mean())
             own, other, dependence = attention_of(block, val_maps, val_layouts)
             figures = {"accuracy": accuracy, "own key": own, "other key": other}
             history.append({"step": step, **figures, "query dependence": dependence})
@@ -190,6 +193,11 @@ def train(args: argparse.Namespace, data: dict) -> list[dict]:
             break
         batch = rng.choice(len(train_maps), IMAGES_PER_STEP, replace=False)
         discs = discs_of([train_layouts[i] for i in batch])
+        if args.background:
+            # K random points per disc, spread over the batch's images, class 3
+            points = rng.uniform(12, 180, size=(len(discs) * args.background, 2))
+            k = args.background
+            discs += [(i // k % len(batch), x, y, 3) for i, (x, y) in enumerate(points)]
         logits = head(block(train_maps[batch].float()), discs)
         loss = F.cross_entropy(logits, torch.tensor([d[3] for d in discs]))
         optimizer.zero_grad()
@@ -208,6 +216,14 @@ def main() -> None:
     parser.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
     heads = ["center", "roi_linear", "roi_1fc", "roi_2fc"]
     parser.add_argument("--head", default="center", choices=heads)
+    parser.add_argument(
+        "--background",
+        type=int,
+        default=0,
+        help="K: also classify K random background points per disc (class 3), as the "
+        "detector's RoI heads classify sampled background boxes (3 per object in Detectron2's "
+        "default sampling, POSITIVE_FRACTION 0.25)",
+    )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache", type=Path, default=REPO / "output" / "block_alone")
