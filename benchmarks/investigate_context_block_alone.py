@@ -25,6 +25,7 @@ own key, on the other disc's key (uniform: about 0.028), and query dependence (d
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -40,6 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tools"))
 
 STRIDE, IMAGES_PER_STEP, DISC_BOX = 4, 8, 22.0  # p2's stride; the detector's batch; a box, px
+ATTENTION_IMAGES = 40  # validation images whose attention is measured, as benchmark_context
 SGD_LR, ADAMW_LR = 0.5, 1e-3  # the NL parameters' rates: 10 x 0.05, and 0.02 x 0.05
 
 
@@ -80,17 +82,18 @@ def pair_features(
 def pretext_features(pretext: str, cache_dir: Path) -> dict[str, tuple[torch.Tensor, list]]:
     """:func:`pair_features` of the cached pretext detector (python tools/pretrain_context.py
     --pretext PRETEXT; trained first if it is not there), cached in ``cache_dir``."""
+    from benchmark_context import CONFIGS, PRETEXT_OF_SUFFIX
     from pretrain_context import ensure_pretrained
+
+    from nl_detectron.atomic_files import atomic_write
 
     cache = cache_dir / f"p2_{pretext}.pt"
     if cache.is_file():
         return torch.load(cache, weights_only=False)
-    suffix = "_colours" if pretext == "marks_colours" else ""
-    config = REPO / "configs" / "context" / f"mask_rcnn_baseline_context_pretext{suffix}.yaml"
-    out = pair_features(ensure_pretrained(pretext), config, 1000)
+    suffix = next(s for s, p in PRETEXT_OF_SUFFIX.items() if p == pretext)
+    out = pair_features(ensure_pretrained(pretext), CONFIGS["baseline" + suffix], 1000)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(out, cache.with_suffix(".tmp"))
-    cache.with_suffix(".tmp").replace(cache)
+    atomic_write(cache, lambda f: torch.save(out, f))
     return out
 
 
@@ -129,28 +132,8 @@ class DiscClassifier(nn.Module):
         return self.layers(pooled.flatten(1))
 
 
-def attention_of(block, maps: torch.Tensor, layouts: list[dict]) -> tuple[float, float, float]:
-    """Mean mass on the own key, on the other key, and query dependence (40 images)."""
-    from nl_detectron.evaluation.attention_stats import cue_cells
-
-    own, other, dependence = [], [], []
-    width = maps.shape[-1]
-    for x, layout in zip(maps[:40], layouts[:40]):
-        centres = [d["center"] for d in layout["discs"]]
-        cells = [(int(cy // STRIDE), int(cx // STRIDE)) for cx, cy in centres]
-        index = torch.tensor([r * width + c for r, c in cells])
-        with torch.no_grad():
-            rows, key_shape = block.affinity(x[None].float(), index)
-        rows = rows[0].reshape(len(cells), *key_shape).numpy()
-        masks = [cue_cells(layout, d, key_shape) for d in layout["discs"]]
-        for j in range(2):
-            own.append(rows[j][masks[j]].sum())
-            other.append(rows[j][masks[1 - j]].sum())
-        dependence.append(0.5 * np.abs(rows[0] - rows[1]).sum())
-    return float(np.mean(own)), float(np.mean(other)), float(np.mean(dependence))
-
-
 def train(args: argparse.Namespace, data: dict) -> list[dict]:
+    from nl_detectron.evaluation.attention_stats import block_attention_stats
     from nl_detectron.layers import NonLocalBlock
 
     torch.manual_seed(args.seed)
@@ -180,7 +163,10 @@ def train(args: argparse.Namespace, data: dict) -> list[dict]:
             with torch.no_grad():
                 logits = head(block(val_maps.float()), val_discs)
             accuracy = float((logits[:, :3].argmax(1) == val_categories).float().mean())
-            own, other, dependence = attention_of(block, val_maps, val_layouts)
+            inputs = ((x[None].float(), layout) for x, layout in zip(val_maps, val_layouts))
+            stats = block_attention_stats(block, itertools.islice(inputs, ATTENTION_IMAGES))
+            own, other = stats.cue_mass, stats.decoy_mass
+            dependence = stats.query_dependence
             figures = {"accuracy": accuracy, "own key": own, "other key": other}
             history.append({"step": step, **figures, "query dependence": dependence})
             print(
@@ -209,7 +195,9 @@ def train(args: argparse.Namespace, data: dict) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--pretext", default="marks_colours", choices=["marks", "marks_colours"])
+    from nl_detectron.data.context import PRETEXT_CLASSES
+
+    parser.add_argument("--pretext", default="marks_colours", choices=list(PRETEXT_CLASSES))
     parser.add_argument("--pairwise", default="disentangled")
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--gate-init", type=float, default=0.1)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,13 @@ from ..data.context import IMAGE_SIZE, cue_box, ensure_context_split
 from ..data.generated import GeneratedSplit
 from ..layers import NonLocalBlock, non_local_blocks, recorded_block_inputs
 
-__all__ = ["AttentionStats", "context_attention_stats", "cue_cells", "split_of"]
+__all__ = [
+    "AttentionStats",
+    "block_attention_stats",
+    "context_attention_stats",
+    "cue_cells",
+    "split_of",
+]
 
 
 @dataclass(frozen=True)
@@ -102,19 +109,32 @@ def context_attention_stats(
             source = name.split(":")[0]
             if source in inputs:
                 _measure(block, inputs[source], layout, sums[name], term)
-    return [
-        AttentionStats(
-            block=name,
-            cue_mass=_mean(sums[name]["cue"]),
-            uniform_mass=_mean(sums[name]["uniform"]),
-            decoy_mass=_mean(sums[name]["decoy"]),
-            entropy=_mean(sums[name]["entropy"]),
-            query_dependence=_mean(sums[name]["dependence"]),
-            gate=_gate(block),
-            branch=_mean(sums[name]["branch"]),
-        )
-        for name, block, _ in measured
-    ]
+    return [_stats(name, block, sums[name]) for name, block, _ in measured]
+
+
+def block_attention_stats(
+    block: NonLocalBlock, inputs: Iterable[tuple[torch.Tensor, dict]], name: str = "block"
+) -> AttentionStats:
+    """:class:`AttentionStats` of one block (in eval mode) on given inputs: ``(x, layout)``
+    pairs, x the block's input ``(1, C, H, W)`` for the context image of ``layout`` (a block
+    trained outside a detector, on features computed beforehand)."""
+    sums = _empty()
+    for x, layout in inputs:
+        _measure(block, x, layout, sums)
+    return _stats(name, block, sums)
+
+
+def _stats(name: str, block: NonLocalBlock, sums: dict[str, list[float]]) -> AttentionStats:
+    return AttentionStats(
+        block=name,
+        cue_mass=_mean(sums["cue"]),
+        uniform_mass=_mean(sums["uniform"]),
+        decoy_mass=_mean(sums["decoy"]),
+        entropy=_mean(sums["entropy"]),
+        query_dependence=_mean(sums["dependence"]),
+        gate=_gate(block),
+        branch=_mean(sums["branch"]),
+    )
 
 
 def _empty() -> dict[str, list[float]]:

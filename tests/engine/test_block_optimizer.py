@@ -4,13 +4,13 @@ detector by Detectron2's SGD, under one schedule, one gradient clipping and one 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 from detectron2.solver import build_lr_scheduler
 from tiny_detectors import tiny_cfg
 from torch import nn
+from training_runs import REPO
 
 from nl_detectron.config import load_config
 from nl_detectron.engine import Trainer
@@ -19,7 +19,6 @@ from nl_detectron.errors import UserInputError
 from nl_detectron.layers import non_local_blocks
 from nl_detectron.preflight import check_inputs
 
-REPO = Path(__file__).resolve().parents[2]
 CONTEXT_NL = REPO / "configs" / "context" / "mask_rcnn_nl_context.yaml"
 
 
