@@ -179,9 +179,18 @@ def _cell(value: float | None) -> str:
     return "-" if value is None or value != value else f"{value:.3f}"
 
 
+def _mean(values: list[float | None]) -> float | None:
+    return None if None in values else sum(values) / len(values)
+
+
+def _ap(value: float | None) -> str:
+    """An AP to 1 decimal; "-" for a run without it (MODEL.MASK_ON False has no mask AP)."""
+    return "-" if value is None else f"{value:.1f}"
+
+
 def _aps(entry: dict) -> str:
     """Mean box / mask AP, and the box AP of each seed when there are several."""
-    text = f"{entry['bbox']:.1f} / {entry['segm']:.1f}"
+    text = f"{_ap(entry['bbox'])} / {_ap(entry['segm'])}"
     if len(entry["per_seed"]) > 1:
         text += " (box " + ", ".join(f"{a['bbox']:.1f}" for a in entry["per_seed"]) + ")"
     return text
@@ -321,10 +330,10 @@ def main() -> None:
                 directory = run_dir(args.output, variant, model, seed)
                 seconds = train(directory, CONFIGS[model], variant, seed, extra)
                 ap = final_ap(directory)
-                print(f"{variant:12s} {model:8s} seed {seed}: box AP {ap['bbox']:.1f}, mask AP "
-                      f"{ap['segm']:.1f} ({seconds / 60:.1f} min)", flush=True)  # fmt: skip
+                print(f"{variant:12s} {model:8s} seed {seed}: box AP {_ap(ap['bbox'])}, mask AP "
+                      f"{_ap(ap['segm'])} ({seconds / 60:.1f} min)", flush=True)  # fmt: skip
                 aps.append(ap)
-            entry[model] = {k: sum(a[k] for a in aps) / len(aps) for k in ("bbox", "segm")}
+            entry[model] = {k: _mean([a[k] for a in aps]) for k in ("bbox", "segm")}
             entry[model]["per_seed"] = aps
             first = run_dir(args.output, variant, model, args.seeds[0])
             if model in BLOCK_MODELS:

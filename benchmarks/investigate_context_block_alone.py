@@ -42,7 +42,23 @@ sys.path.insert(0, str(REPO / "tools"))
 
 STRIDE, IMAGES_PER_STEP, DISC_BOX = 4, 8, 22.0  # p2's stride; the detector's batch; a box, px
 ATTENTION_IMAGES = 40  # validation images whose attention is measured, as benchmark_context
-SGD_LR, ADAMW_LR = 0.5, 1e-3  # the NL parameters' rates: 10 x 0.05, and 0.02 x 0.05
+# the NL parameters' rates (10 x 0.05, and 0.02 x 0.05); the classifier's with
+# --head-optimizer: AdamW as the block's, SGD as the detector's box predictor's
+BLOCK_LR = {"sgd": 0.5, "adamw": 1e-3}
+HEAD_LR = {"sgd": 0.05, "adamw": 1e-3}
+
+
+def _head_rule(args: argparse.Namespace) -> tuple[str, float]:
+    """The classifier's update rule and rate: the block's unless --head-optimizer names one."""
+    if args.head_optimizer is None:
+        return args.optimizer, BLOCK_LR[args.optimizer]
+    return args.head_optimizer, HEAD_LR[args.head_optimizer]
+
+
+def _optimizer(params: list, rule: str, lr: float) -> torch.optim.Optimizer:
+    if rule == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4)
 
 
 def pair_features(
@@ -149,10 +165,10 @@ def train(args: argparse.Namespace, data: dict) -> list[dict]:
     # categories, and with --background a fourth class: background
     head = DiscClassifier(args.head, train_maps.shape[1], 3 + bool(args.background))
     params = [*block.parameters(), *head.parameters()]
-    if args.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(params, lr=ADAMW_LR, weight_decay=1e-4)
-    else:
-        optimizer = torch.optim.SGD(params, lr=SGD_LR, momentum=0.9, weight_decay=1e-4)
+    optimizers = [
+        _optimizer(list(block.parameters()), args.optimizer, BLOCK_LR[args.optimizer]),
+        _optimizer(list(head.parameters()), *_head_rule(args)),
+    ]
     rng = np.random.default_rng(args.seed)
     val_discs = discs_of(val_layouts)
     val_categories = torch.tensor([d[3] for d in val_discs])
@@ -186,10 +202,12 @@ def train(args: argparse.Namespace, data: dict) -> list[dict]:
             discs += [(i // k % len(batch), x, y, 3) for i, (x, y) in enumerate(points)]
         logits = head(block(train_maps[batch].float()), discs)
         loss = F.cross_entropy(logits, torch.tensor([d[3] for d in discs]))
-        optimizer.zero_grad()
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         loss.backward()
         nn.utils.clip_grad_norm_(params, 2.0)
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
     return history
 
 
@@ -202,6 +220,12 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.2)
     parser.add_argument("--gate-init", type=float, default=0.1)
     parser.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
+    parser.add_argument(
+        "--head-optimizer",
+        choices=["sgd", "adamw"],
+        help="the classifier's rule, else the block's (and its rate): adamw (1e-3) or sgd (the "
+        "detector's box predictor's: momentum 0.9, 0.05)",
+    )
     heads = ["center", "roi_linear", "roi_1fc", "roi_2fc"]
     parser.add_argument("--head", default="center", choices=heads)
     parser.add_argument(

@@ -42,6 +42,10 @@ def add_nonlocal_config(cfg: CN) -> None:
     # FPN output levels ("p2".."p6") that get an NL block after their output conv, on the
     # features the RPN and RoI heads read. Not in the paper: none by default.
     _C.MODEL.NONLOCAL.FPN_POSITIONS = []
+    # Features of the box branch ("p2"...) that get an NL block which only the box head reads
+    # (the RPN and the mask / keypoint heads read them as they are); needs
+    # MODEL.ROI_HEADS.NAME "NonLocalBoxFeatureROIHeads". Not in the paper: none by default.
+    _C.MODEL.NONLOCAL.BOX_FEATURE_POSITIONS = []
     # NL block after conv k (1-based) of the keypoint head. Paper (Sec. 6): 4 blocks in the
     # 8-conv head, one after every 2 convs.
     _C.MODEL.NONLOCAL.KEYPOINT_HEAD_POSITIONS = [2, 4, 6, 8]
@@ -88,6 +92,10 @@ def add_nonlocal_config(cfg: CN) -> None:
     # same schedule; the rest of the detector keeps SGD). AdamW's step does not shrink with the
     # small gradients a near-uniform attention gives theta and phi (docs/evidence.md).
     _C.MODEL.NONLOCAL.OPTIMIZER = "SGD"
+    # Modules of the detector (names as in model.named_modules(), e.g.
+    # "roi_heads.box_predictor") whose parameters are updated as the NL blocks' are (OPTIMIZER,
+    # LR_FACTOR): a classifier that reads the blocks' output learns at their pace.
+    _C.MODEL.NONLOCAL.OPTIMIZE_WITH_BLOCKS = []
 
     # A norm after each conv of NonLocalKRCNNConvDeconvUpsampleHead ("GN", "BN", ...), as the box
     # and mask heads' NORM; "": none, the paper's and Detectron2's keypoint head.

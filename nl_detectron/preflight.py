@@ -76,6 +76,7 @@ def check_inputs(
             *_keypoint_problems(cfg),
             *_schedule_problems(cfg),
             *_optimizer_problems(cfg),
+            *_box_feature_problems(cfg),
         ]
     )
 
@@ -372,6 +373,19 @@ def _optimizer_problems(cfg: CfgNode) -> Iterable[str]:
             f"MODEL.NONLOCAL.OPTIMIZER is {name!r}: the NL blocks' parameters are updated by "
             f"one of {', '.join(map(repr, NON_LOCAL_OPTIMIZERS))}, e.g. "
             f'MODEL.NONLOCAL.OPTIMIZER "SGD" (the detector\'s own).'
+        )
+
+
+def _box_feature_problems(cfg: CfgNode) -> Iterable[str]:
+    """Blocks on the box branch's features are built only by their RoI heads."""
+    node = cfg.MODEL.get("NONLOCAL")
+    levels = list(node.get("BOX_FEATURE_POSITIONS", [])) if node is not None else []
+    name = cfg.MODEL.ROI_HEADS.NAME
+    if levels and name != "NonLocalBoxFeatureROIHeads":
+        yield (
+            f"MODEL.NONLOCAL.BOX_FEATURE_POSITIONS is {levels}, but MODEL.ROI_HEADS.NAME is "
+            f"{name!r}, which builds no block there: set MODEL.ROI_HEADS.NAME "
+            f'"NonLocalBoxFeatureROIHeads", or MODEL.NONLOCAL.BOX_FEATURE_POSITIONS "[]".'
         )
 
 

@@ -41,6 +41,20 @@ __all__ = ["Trainer", "main_metric"]
 logger = logging.getLogger(__name__)
 
 
+def _parameters_of(model: nn.Module, names: list[str]) -> list[nn.Parameter]:
+    """The parameters of the modules ``names`` of ``model``; an unknown name is a
+    :class:`UserInputError` that names it and the model's heads."""
+    modules = dict(model.named_modules())
+    unknown = [name for name in names if name not in modules]
+    if unknown:
+        heads = sorted(n for n in modules if n.count(".") == 1 and n.startswith("roi_heads."))
+        raise UserInputError(
+            f"MODEL.NONLOCAL.OPTIMIZE_WITH_BLOCKS names {unknown}, which this model does not "
+            f"have: give module names as in model.named_modules(), e.g. {heads}."
+        )
+    return [p for name in names for p in modules[name].parameters()]
+
+
 def main_metric(cfg: CfgNode) -> str:
     """The metric that picks the best model, as the evaluation stores it: ``segm/AP`` for Mask
     R-CNN, else ``keypoints/AP`` for Keypoint R-CNN, else ``bbox/AP`` (prefixed by the first
@@ -96,12 +110,15 @@ class Trainer(DefaultTrainer):
         """detectron2's optimizer; the NL blocks' parameters at ``MODEL.NONLOCAL.LR_FACTOR``
         times the learning rate of the others (each in its own parameter group, so the
         schedule scales both alike), updated by AdamW instead of SGD with
-        ``MODEL.NONLOCAL.OPTIMIZER "AdamW"`` (:mod:`.block_optimizer`)."""
+        ``MODEL.NONLOCAL.OPTIMIZER "AdamW"`` (:mod:`.block_optimizer`); so are the modules
+        that ``MODEL.NONLOCAL.OPTIMIZE_WITH_BLOCKS`` names."""
         optimizer = super().build_optimizer(cfg, model)
         node = cfg.MODEL.get("NONLOCAL")
         factor = node.LR_FACTOR if node is not None else 1.0
         adamw = node is not None and node.get("OPTIMIZER", "SGD") == "AdamW"
         ids = {id(p) for _, block in non_local_blocks(model) for p in block.parameters()}
+        with_blocks = node.get("OPTIMIZE_WITH_BLOCKS", []) if node is not None else []
+        ids |= {id(p) for p in _parameters_of(model, with_blocks)}
         if not ids or (factor == 1.0 and not adamw):
             return optimizer
         groups, optimizer.param_groups = optimizer.param_groups, []

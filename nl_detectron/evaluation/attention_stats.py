@@ -34,7 +34,7 @@ from torch import nn
 
 from ..data.context import IMAGE_SIZE, cue_box, ensure_context_split
 from ..data.generated import GeneratedSplit
-from ..layers import NonLocalBlock, non_local_blocks, recorded_block_inputs
+from ..layers import NonLocalBlock, non_local_blocks, recorded_block_inputs, runs_on_rois
 
 __all__ = [
     "AttentionStats",
@@ -83,14 +83,15 @@ def _gate(block: NonLocalBlock) -> float:
 def context_attention_stats(
     model: nn.Module, split: GeneratedSplit, *, num_images: int = 40, root: str | None = None
 ) -> list[AttentionStats]:
-    """:class:`AttentionStats` of every image-level (2D, backbone) NL block of ``model`` (in
-    eval mode, CPU) on the first ``num_images`` images of a context validation split."""
+    """:class:`AttentionStats` of every image-level NL block of ``model`` (on the backbone's, the
+    FPN's or the box branch's features; in eval mode, CPU) on the first ``num_images`` images of
+    a context validation split."""
     from detectron2.data import detection_utils
 
     directory = ensure_context_split(split, root)
     with open(directory / "layout.json", encoding="utf-8") as f:
         layouts = json.load(f)[:num_images]
-    blocks = [(n, b) for n, b in non_local_blocks(model) if not n.startswith("roi_heads")]
+    blocks = [(n, b) for n, b in non_local_blocks(model) if not runs_on_rois(n)]
     # (name, block, term): a disentangled block also by its whitened pairwise term alone
     measured = [(n, b, "all") for n, b in blocks]
     measured += [

@@ -1,7 +1,7 @@
 """The non-local block and its parts (no Detectron2 model code; no config)."""
 
 from .export_mode import export_mode
-from .inspection import non_local_blocks, recorded_block_inputs
+from .inspection import non_local_blocks, recorded_block_inputs, runs_on_rois
 from .non_local_block import NORMS, NonLocalBlock
 from .pairwise import (
     PAIRWISE_FUNCTIONS,
@@ -33,5 +33,6 @@ __all__ = [
     "export_mode",
     "non_local_blocks",
     "recorded_block_inputs",
+    "runs_on_rois",
     "from_pytorchvideo",
 ]

@@ -8,7 +8,16 @@ from torch import Tensor, nn
 
 from .non_local_block import NonLocalBlock
 
-__all__ = ["non_local_blocks", "recorded_block_inputs"]
+__all__ = ["non_local_blocks", "recorded_block_inputs", "runs_on_rois"]
+
+
+def runs_on_rois(name: str) -> bool:
+    """Whether the block of qualified name ``name`` in a GeneralizedRCNN runs on each RoI's
+    features (in a box, mask or keypoint head: ``roi_heads.mask_head.non_local_...``), not on
+    the image's (the backbone's, the FPN's, or ``roi_heads.non_local_p2`` of
+    NonLocalBoxFeatureROIHeads)."""
+    parts = name.split(".")
+    return parts[0] == "roi_heads" and len(parts) > 2 and parts[1].endswith("_head")
 
 
 def non_local_blocks(model: nn.Module) -> list[tuple[str, NonLocalBlock]]:

@@ -27,7 +27,7 @@ from matplotlib.patches import Rectangle
 from torch import Tensor, nn
 
 from ..errors import UserInputError
-from ..layers import NonLocalBlock, non_local_blocks, recorded_block_inputs
+from ..layers import NonLocalBlock, non_local_blocks, recorded_block_inputs, runs_on_rois
 from .figure import pixel_figure, save_png
 from .predictor import Predictor
 
@@ -49,8 +49,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _SOFTMAX_FORMS = ("embedded_gaussian", "gaussian")
-# Qualified-name prefix of the modules that run on RoI features in a GeneralizedRCNN.
-_ROI_PREFIX = "roi_heads."
 
 
 @dataclass(frozen=True)
@@ -391,7 +389,7 @@ def compute_attention_maps(
             logger.info("Skipping non-local block %s: it did not run on this image.", name)
         elif block.dim != 2:
             logger.info("Skipping non-local block %s: it is %dD, not 2D.", name, block.dim)
-        elif name.startswith(_ROI_PREFIX):
+        elif runs_on_rois(name):
             if len(detections.scores) == 0:
                 logger.info("Skipping non-local block %s: no detections, so no RoIs.", name)
             elif detections.aligned_with_rois and x.shape[0] == len(detections.scores):

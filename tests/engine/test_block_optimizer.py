@@ -126,3 +126,40 @@ def test_an_unknown_optimizer_is_refused_by_name():
     cfg = load_config(str(CONTEXT_NL), ["MODEL.NONLOCAL.OPTIMIZER", "Adam", "MODEL.DEVICE", "cpu"])
     with pytest.raises(UserInputError, match="MODEL.NONLOCAL.OPTIMIZER is 'Adam'.*'AdamW'"):
         check_inputs(cfg)
+
+
+def test_modules_named_to_optimize_with_the_blocks_join_their_groups():
+    cfg = tiny_cfg("FPN")
+    cfg.defrost()
+    cfg.MODEL.NONLOCAL.OPTIMIZER = "AdamW"
+    cfg.MODEL.NONLOCAL.LR_FACTOR = 0.02
+    cfg.MODEL.NONLOCAL.OPTIMIZE_WITH_BLOCKS = ["roi_heads.box_predictor"]
+    model = Trainer.build_model(cfg)
+    optimizer = Trainer.build_optimizer(cfg, model)
+    with_blocks = {id(p) for _, b in non_local_blocks(model) for p in b.parameters()}
+    with_blocks |= {id(p) for p in model.roi_heads.box_predictor.parameters()}
+    adamw = {id(p) for g in optimizer.param_groups if g.get("adamw") for p in g["params"]}
+    assert adamw == with_blocks
+    for group in optimizer.param_groups:
+        factor = 0.02 if group.get("adamw") else 1.0
+        assert group["lr"] == pytest.approx(cfg.SOLVER.BASE_LR * factor)
+    # a baseline without blocks gets the same rule for the named modules
+    vanilla = tiny_cfg("FPN", non_local=False)
+    vanilla.defrost()
+    vanilla.MODEL.NONLOCAL.OPTIMIZER = "AdamW"
+    vanilla.MODEL.NONLOCAL.OPTIMIZE_WITH_BLOCKS = ["roi_heads.box_predictor"]
+    model = Trainer.build_model(vanilla)
+    assert not non_local_blocks(model)
+    optimizer = Trainer.build_optimizer(vanilla, model)
+    adamw = {id(p) for g in optimizer.param_groups if g.get("adamw") for p in g["params"]}
+    assert adamw == {id(p) for p in model.roi_heads.box_predictor.parameters()}
+
+
+def test_an_unknown_module_to_optimize_with_the_blocks_is_refused_by_name():
+    cfg = tiny_cfg("FPN")
+    cfg.defrost()
+    cfg.MODEL.NONLOCAL.OPTIMIZE_WITH_BLOCKS = ["roi_heads.box_pred"]
+    with pytest.raises(
+        UserInputError, match=r"\['roi_heads.box_pred'\].*'roi_heads.box_predictor'"
+    ):
+        Trainer.build_optimizer(cfg, Trainer.build_model(cfg))
