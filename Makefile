@@ -76,11 +76,14 @@ demo: $(READY)
 	$(PY) tools/demo_figures.py $(DEMO_OUTPUT) --output $(DEMO_OUTPUT)
 	@$(PY) tools/demo_result.py $(DEMO_OUTPUT) --host $(DEMO_HOST)
 
-# Baseline, GC, NL and DNL trained on every variant of the context data, 2 seeds: box / mask AP,
-# gains, attention statistics and maps in output/evidence (docs/evidence.md). 32 runs of 5-7 min
-# on 2 cores; finished runs are reused, so it can be stopped and resumed.
+# Baseline, GC, NL and DNL trained on every variant of the context data, 2 seeds, and in the
+# box-branch recipe on the pairwise variant and its local control: box / mask AP, gains,
+# attention statistics and maps in output/evidence (docs/evidence.md). 48 runs of 4-7 min on 2
+# cores; finished runs are reused, so it can be stopped and resumed.
 evidence: $(READY)
 	$(PY) benchmarks/benchmark_context.py --output output/evidence
+	$(PY) benchmarks/benchmark_context.py --output output/evidence --variants pair pair_local \
+		--models baseline_box_branch gc_box_branch nl_box_branch dnl_box_branch
 
 benchmark: $(READY)
 	$(PY) benchmarks/benchmark_non_local_block.py

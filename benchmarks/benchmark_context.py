@@ -36,9 +36,15 @@ from pretrain_context import ensure_pretrained  # noqa: E402
 
 VARIANTS = ("image", "pair", "image_local", "pair_local")
 # The models compared: no block, GCNet's query-independent control, the non-local block, DNL;
-# each from scratch and fine-tuned from a pretext's detector (tools/pretrain_context.py): the
-# model name's suffix says which.
-PRETEXT_OF_SUFFIX = {"": None, "_pretext": "marks", "_pretext_colours": "marks_colours"}
+# each from scratch and fine-tuned from a pretext's detector (tools/pretrain_context.py), and in
+# the box-branch recipe (the block read by the box branch only; docs/evidence.md): the model
+# name's suffix says which.
+PRETEXT_OF_SUFFIX = {
+    "": None,
+    "_pretext": "marks",
+    "_pretext_colours": "marks_colours",
+    "_box_branch": "marks_colours",
+}
 CONFIGS = {
     f"{model}{suffix}": REPO / "configs" / "context" / f"mask_rcnn_{model}_context{suffix}.yaml"
     for suffix in PRETEXT_OF_SUFFIX

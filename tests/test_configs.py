@@ -88,7 +88,11 @@ def test_nl_config_is_its_baseline_but_for_the_non_local_settings(path):
     assert differ <= NL_KEYS | {"OUTPUT_DIR"}
     # The NL config builds blocks where its baseline builds none: another backbone or keypoint
     # head, or the same non-local builder with positions where the baseline has none.
-    positions = ("MODEL.NONLOCAL.BACKBONE_POSITIONS", "MODEL.NONLOCAL.FPN_POSITIONS")
+    positions = (
+        "MODEL.NONLOCAL.BACKBONE_POSITIONS",
+        "MODEL.NONLOCAL.FPN_POSITIONS",
+        "MODEL.NONLOCAL.BOX_FEATURE_POSITIONS",
+    )
     assert (
         nl["MODEL.BACKBONE.NAME"] != baseline["MODEL.BACKBONE.NAME"]
         or nl["MODEL.ROI_KEYPOINT_HEAD.NAME"] != baseline["MODEL.ROI_KEYPOINT_HEAD.NAME"]
