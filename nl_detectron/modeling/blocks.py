@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+from torch import nn
 
 from ..layers import NonLocalBlock
 
-__all__ = ["build_non_local_block"]
+__all__ = ["add_feature_blocks", "build_non_local_block"]
 
 
 def build_non_local_block(
@@ -40,3 +42,38 @@ def build_non_local_block(
         )
     except ValueError as e:
         raise ValueError(f"Invalid MODEL.NONLOCAL setting: {e}") from None
+
+
+def add_feature_blocks(
+    module: nn.Module,
+    levels: Sequence[str],
+    channels: Mapping[str, int],
+    *,
+    key: str,
+    bottleneck_ratio: float = 0.5,
+    block_args: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """Adds one block per named feature map to ``module`` as ``non_local_<level>`` and returns
+    the levels in order.
+
+    Args:
+        levels: features that get a block, e.g. ``["p2"]``.
+        channels: the features that can have one, and their channels.
+        key: the config key that names ``levels`` (for the error), e.g.
+            ``"MODEL.NONLOCAL.FPN_POSITIONS"``.
+
+    Raises:
+        ValueError: naming ``key``, for a level not in ``channels`` or listed twice.
+    """
+    levels = list(levels)
+    for level in levels:
+        if level not in channels or levels.count(level) > 1:
+            raise ValueError(
+                f"{key} = {levels}: {level!r} is not one of the features it can name "
+                f"({', '.join(channels)}), or is listed twice."
+            )
+        block = build_non_local_block(
+            channels[level], bottleneck_ratio=bottleneck_ratio, block_args=block_args
+        )
+        module.add_module(f"non_local_{level}", block)
+    return levels

@@ -22,7 +22,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 
 from ..config import non_local_block_args
-from .blocks import build_non_local_block
+from .blocks import add_feature_blocks
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -49,21 +49,14 @@ class NonLocalBoxFeatureROIHeads(StandardROIHeads):
             kwargs: as ``StandardROIHeads``.
         """
         super().__init__(**kwargs)
-        levels = list(non_local_levels)
-        for level in levels:
-            if level not in self.box_in_features or levels.count(level) > 1:
-                raise ValueError(
-                    f"MODEL.NONLOCAL.BOX_FEATURE_POSITIONS = {levels}: {level!r} is not a feature "
-                    f"the box head reads (MODEL.ROI_HEADS.IN_FEATURES: "
-                    f"{', '.join(self.box_in_features)}), or is listed twice."
-                )
-            block = build_non_local_block(
-                non_local_channels[level],
-                bottleneck_ratio=non_local_bottleneck_ratio,
-                block_args=non_local_args,
-            )
-            self.add_module(f"non_local_{level}", block)
-        self.non_local_levels = levels
+        self.non_local_levels = add_feature_blocks(
+            self,
+            non_local_levels,
+            {name: non_local_channels[name] for name in self.box_in_features},
+            key="MODEL.NONLOCAL.BOX_FEATURE_POSITIONS",
+            bottleneck_ratio=non_local_bottleneck_ratio,
+            block_args=non_local_args,
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape: dict[str, ShapeSpec]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
 from ..config import non_local_block_args
-from .blocks import build_non_local_block
+from .blocks import add_feature_blocks, build_non_local_block
 
 __all__ = [
     "NonLocalFPN",
@@ -247,20 +247,14 @@ class NonLocalFPN(FPN):
             fpn_kwargs: as ``FPN`` (bottom_up, in_features, out_channels, norm, top_block, ...).
         """
         super().__init__(**fpn_kwargs)
-        levels = list(non_local_levels)
-        for level in levels:
-            if level not in self._out_features or levels.count(level) > 1:
-                raise ValueError(
-                    f"MODEL.NONLOCAL.FPN_POSITIONS = {levels}: {level!r} is not an output level "
-                    f"of this FPN ({', '.join(self._out_features)}), or is listed twice."
-                )
-            block = build_non_local_block(
-                self._out_feature_channels[level],
-                bottleneck_ratio=non_local_bottleneck_ratio,
-                block_args=non_local_args,
-            )
-            self.add_module(f"non_local_{level}", block)
-        self.non_local_levels = levels
+        self.non_local_levels = add_feature_blocks(
+            self,
+            non_local_levels,
+            self._out_feature_channels,
+            key="MODEL.NONLOCAL.FPN_POSITIONS",
+            bottleneck_ratio=non_local_bottleneck_ratio,
+            block_args=non_local_args,
+        )
 
     def forward(self, x):
         features = super().forward(x)
