@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..layers import NonLocalBlock
 
-__all__ = ["add_feature_blocks", "build_non_local_block"]
+__all__ = ["add_feature_blocks", "apply_feature_blocks", "build_non_local_block"]
 
 
 def build_non_local_block(
@@ -77,3 +78,14 @@ def add_feature_blocks(
         )
         module.add_module(f"non_local_{level}", block)
     return levels
+
+
+def apply_feature_blocks(
+    module: nn.Module, levels: Sequence[str], features: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``features`` with each of ``levels`` through the block :func:`add_feature_blocks` added
+    to ``module`` for it (a new dict; the others unchanged)."""
+    out = dict(features)
+    for level in levels:
+        out[level] = getattr(module, f"non_local_{level}")(out[level])
+    return out

@@ -22,7 +22,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling.roi_heads import ROI_HEADS_REGISTRY, StandardROIHeads
 
 from ..config import non_local_block_args
-from .blocks import add_feature_blocks
+from .blocks import add_feature_blocks, apply_feature_blocks
 
 
 @ROI_HEADS_REGISTRY.register()
@@ -69,7 +69,5 @@ class NonLocalBoxFeatureROIHeads(StandardROIHeads):
         return ret
 
     def _forward_box(self, features: dict[str, torch.Tensor], proposals):
-        features = dict(features)
-        for level in self.non_local_levels:
-            features[level] = getattr(self, f"non_local_{level}")(features[level])
+        features = apply_feature_blocks(self, self.non_local_levels, features)
         return super()._forward_box(features, proposals)

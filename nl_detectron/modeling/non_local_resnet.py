@@ -26,7 +26,7 @@ from detectron2.modeling.backbone.fpn import LastLevelMaxPool
 from torch import nn
 
 from ..config import non_local_block_args
-from .blocks import add_feature_blocks, build_non_local_block
+from .blocks import add_feature_blocks, apply_feature_blocks, build_non_local_block
 
 __all__ = [
     "NonLocalFPN",
@@ -257,10 +257,7 @@ class NonLocalFPN(FPN):
         )
 
     def forward(self, x):
-        features = super().forward(x)
-        for level in self.non_local_levels:
-            features[level] = getattr(self, f"non_local_{level}")(features[level])
-        return features
+        return apply_feature_blocks(self, self.non_local_levels, super().forward(x))
 
 
 def _coarsest_level_max_pool(bottom_up: Backbone, in_features: Sequence[str]) -> LastLevelMaxPool:
